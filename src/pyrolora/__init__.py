@@ -1,0 +1,26 @@
+"""pyrolora: Bayesian LoRA-XS as a Pyro probabilistic program."""
+
+from pyrolora._version import __version__
+from pyrolora.adapters import AdapterSet, LoraXSConfig, LoraXSLinear, inject_adapters
+from pyrolora.errors import PyroloraError
+from pyrolora.evaluation import metrics
+from pyrolora.inference import FitResult, Prediction, fit, guides, predict
+from pyrolora.models import BayesianLoraModel, likelihoods, priors
+
+__all__ = [
+    "AdapterSet",
+    "BayesianLoraModel",
+    "FitResult",
+    "LoraXSConfig",
+    "LoraXSLinear",
+    "Prediction",
+    "PyroloraError",
+    "__version__",
+    "fit",
+    "guides",
+    "inject_adapters",
+    "likelihoods",
+    "metrics",
+    "predict",
+    "priors",
+]

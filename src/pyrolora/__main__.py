@@ -1,0 +1,3 @@
+from pyrolora.cli import app
+
+app()

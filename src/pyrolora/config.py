@@ -1,0 +1,280 @@
+"""Run configuration: what to train, on what, and how. Read from TOML or JSON, validated on construction.
+
+A configuration file has one table per section; every key is optional and unknown keys are errors::
+
+    [model]
+    name = "sentence-transformers/all-MiniLM-L6-v2"
+    max_length = 32
+
+    [task]
+    name = "vader"
+
+    [adapters]
+    rank = 8
+    target_modules = ["query", "value", "output.dense"]
+
+    [prior]
+    scale = 0.1
+
+    [guide]
+    name = "lowrank"
+    options = { rank = 2 }
+
+    [train]
+    epochs = 10
+    batch_size = 32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pyrolora.adapters import LoraXSConfig
+from pyrolora.backbones import DEFAULT_MODEL
+from pyrolora.errors import ConfigError
+
+__all__ = [
+    "GuideSpec",
+    "ModelSpec",
+    "PredictSpec",
+    "PriorSpec",
+    "RunConfig",
+    "TaskSpec",
+    "TrainSpec",
+    "load_config",
+]
+
+
+def _check_number(value: Any, where: str, *, positive: bool = False, minimum: float | None = None) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{where} must be finite, got {value!r}.")
+    if positive and value <= 0:
+        raise ConfigError(f"{where} must be positive, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where} must be >= {minimum}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The pretrained backbone: a hub id or folder (default all-MiniLM-L6-v2), and the token limit."""
+
+    name: str = DEFAULT_MODEL
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("model.name is empty; give a hub id or a local folder.")
+        _check_number(self.max_length, "model.max_length", positive=True)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The task. ``vader`` is the embedded default (see :mod:`pyrolora.data.vader`)."""
+
+    name: Literal["vader"] = "vader"
+    neutral_margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_number(self.neutral_margin, "task.neutral_margin", minimum=0.0)
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """An isotropic Normal prior ``N(0, scale²)`` on every entry of every R."""
+
+    name: Literal["isotropic"] = "isotropic"
+    scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_number(self.scale, "prior.scale", positive=True)
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    """A registered guide name (``pyrolora.guides.available()``) and its options."""
+
+    name: str = "lowrank"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from pyrolora.inference import guides
+
+        if self.name not in guides.available():
+            raise ConfigError(f"guide.name {self.name!r} is unknown; choose one of {list(guides.available())}.")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Optimisation settings, passed to :func:`pyrolora.fit`."""
+
+    epochs: float = 10.0
+    batch_size: int = 32
+    lr: float = 1e-2
+    head_lr: float = 1e-3
+    warmup: float = 0.06
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    clip_norm: float = 1.0
+    num_particles: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "lr", "head_lr", "clip_norm", "num_particles"):
+            _check_number(getattr(self, name), f"train.{name}", positive=True)
+        _check_number(self.warmup, "train.warmup", minimum=0.0)
+
+
+@dataclass(frozen=True)
+class PredictSpec:
+    """Prediction and evaluation: S posterior samples, batch size, ECE bins."""
+
+    num_samples: int = 15
+    batch_size: int = 128
+    n_bins: int = 15
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "batch_size", "n_bins"):
+            _check_number(getattr(self, name), f"predict.{name}", positive=True)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelSpec,
+    "task": TaskSpec,
+    "adapters": LoraXSConfig,
+    "prior": PriorSpec,
+    "guide": GuideSpec,
+    "train": TrainSpec,
+    "predict": PredictSpec,
+}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a (simple) type annotation, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where} has an invalid value {value!r}: {'; '.join(errors)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}.")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {value!r}.")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}.")
+        return dict(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}.")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}.")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}.")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}.")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} at {where}")  # a bug in this module, not user input
+
+
+def _section(cls: type, data: Any, name: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{name}] must be a table of keys, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - fields - ({"svd_convention"} if cls is LoraXSConfig else set()))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{name}]; known keys are {sorted(fields)}.")
+    values = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in data.items() if k in fields}
+    if cls is LoraXSConfig:
+        values.setdefault("rank", 8)
+        if "svd_convention" in data:
+            values["svd_convention"] = data["svd_convention"]
+        return LoraXSConfig.from_dict(values)
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs. Frozen; build variants with :meth:`replace`."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    task: TaskSpec = field(default_factory=TaskSpec)
+    adapters: LoraXSConfig = field(default_factory=lambda: LoraXSConfig(rank=8))
+    prior: PriorSpec = field(default_factory=PriorSpec)
+    guide: GuideSpec = field(default_factory=GuideSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    predict: PredictSpec = field(default_factory=PredictSpec)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build and validate from nested dictionaries; unknown sections or keys are errors."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a run configuration must be a table of sections, got {type(data).__name__}.")
+        unknown = sorted(set(data) - set(_SECTIONS) - {"pyrolora_version"})
+        if unknown:
+            raise ConfigError(f"unknown section(s) {unknown}; known sections are {sorted(_SECTIONS)}.")
+        return cls(**{k: _section(_SECTIONS[k], v, k) for k, v in data.items() if k in _SECTIONS})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready nested dictionaries (tuples as lists)."""
+        out: dict[str, Any] = {}
+        for name in _SECTIONS:
+            section = getattr(self, name)
+            if isinstance(section, LoraXSConfig):
+                out[name] = section.to_dict()
+            else:
+                out[name] = json.loads(json.dumps(dataclasses.asdict(section)))
+        return out
+
+    def replace(self, **sections: dict[str, Any]) -> RunConfig:
+        """A copy with some keys changed: ``config.replace(guide={"name": "delta"}, train={"epochs": 2})``."""
+        data = self.to_dict()
+        for name, changes in sections.items():
+            if name not in _SECTIONS:
+                raise ConfigError(f"unknown section {name!r}; known sections are {sorted(_SECTIONS)}.")
+            if name == "guide" and "name" in changes and "options" not in changes:
+                changes = {**changes, "options": {}}
+            data[name] = {**data[name], **changes}
+        return RunConfig.from_dict(data)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a run configuration from a ``.toml`` or ``.json`` file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from err
+    return RunConfig.from_dict(data)

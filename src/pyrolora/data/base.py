@@ -1,0 +1,142 @@
+"""Task data in memory, and batching it for a tokenizer-driven backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pyrolora.errors import DataError
+
+__all__ = ["ClassificationSplit", "TokenizedLoader", "split_indices"]
+
+
+@dataclass(frozen=True)
+class ClassificationSplit:
+    """One split of a text classification task.
+
+    Attributes:
+        texts: the input texts, length N.
+        labels: class indices, shape (N,).
+        label_names: name of each class, length C.
+        text_pairs: optional second texts (sentence-pair tasks), length N.
+        human_probs: optional human label distribution per example, shape (N, C) (rows sum to 1).
+        ids: optional identifier per example, length N.
+    """
+
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    label_names: tuple[str, ...]
+    text_pairs: tuple[str, ...] | None = None
+    human_probs: np.ndarray | None = None
+    ids: tuple[str, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        n = len(self.texts)
+        if n == 0:
+            raise DataError("a data split has no examples.")
+        if self.labels.shape != (n,):
+            raise DataError(f"{n} texts but labels of shape {self.labels.shape}.")
+        c = len(self.label_names)
+        if c < 2:
+            raise DataError(f"a classification task needs at least two classes, got {list(self.label_names)}.")
+        if self.labels.min() < 0 or self.labels.max() >= c:
+            raise DataError(f"labels must lie in [0, {c}), got values in [{self.labels.min()}, {self.labels.max()}].")
+        if self.text_pairs is not None and len(self.text_pairs) != n:
+            raise DataError(f"{n} texts but {len(self.text_pairs)} second texts.")
+        if self.human_probs is not None and self.human_probs.shape != (n, c):
+            raise DataError(f"human_probs must have shape ({n}, {c}), got {self.human_probs.shape}.")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> ClassificationSplit:
+        """The examples at ``index``, in that order."""
+        index = np.asarray(index, dtype=np.int64)
+
+        def pick(seq: tuple | None) -> tuple | None:
+            return None if seq is None else tuple(seq[i] for i in index)
+
+        return ClassificationSplit(
+            texts=pick(self.texts),
+            labels=self.labels[index],
+            label_names=self.label_names,
+            text_pairs=pick(self.text_pairs),
+            human_probs=None if self.human_probs is None else self.human_probs[index],
+            ids=pick(self.ids),
+        )
+
+
+def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """A seeded random partition of ``range(n)`` into parts of the given fractions (the last takes the rest)."""
+    if abs(sum(fractions) - 1.0) > 1e-9 or any(f <= 0 for f in fractions):
+        raise DataError(f"split fractions must be positive and sum to 1, got {list(fractions)}.")
+    order = np.random.default_rng(seed).permutation(n)
+    bounds = np.cumsum([round(f * n) for f in fractions[:-1]])
+    return [np.sort(part) for part in np.split(order, bounds)]
+
+
+class TokenizedLoader:
+    """Batches ``(inputs, targets)`` of a split, tokenized once up front and padded per batch.
+
+    Re-iterable: every pass yields all examples; with ``shuffle`` each pass uses a new permutation from a
+    generator seeded with ``seed``, so two loaders with the same seed yield the same batches.
+
+    Args:
+        split: the examples.
+        tokenizer: a Hugging Face tokenizer.
+        batch_size: examples per batch (the last batch may be smaller).
+        max_length: token limit per example; longer inputs are truncated.
+        shuffle: reshuffle every pass.
+        seed: seed of the shuffling.
+    """
+
+    def __init__(
+        self,
+        split: ClassificationSplit,
+        tokenizer,
+        *,
+        batch_size: int,
+        max_length: int = 128,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be positive, got {batch_size}.")
+        self.split = split
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self._generator = torch.Generator().manual_seed(seed)
+        encoded = tokenizer(
+            list(split.texts),
+            list(split.text_pairs) if split.text_pairs is not None else None,
+            truncation=True,
+            max_length=max_length,
+        )
+        self._features = {k: [torch.tensor(v) for v in vs] for k, vs in encoded.items()}
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.targets = torch.as_tensor(split.labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return -(-len(self.split) // self.batch_size)
+
+    def _collate(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        inputs = {}
+        for key, rows in self._features.items():
+            pad = self._pad_id if key == "input_ids" else 0
+            inputs[key] = torch.nn.utils.rnn.pad_sequence(
+                [rows[i] for i in index.tolist()], batch_first=True, padding_value=pad
+            )
+        return inputs, self.targets[index]
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        n = len(self.split)
+        order = torch.randperm(n, generator=self._generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            yield self._collate(order[start : start + self.batch_size])
