@@ -31,9 +31,9 @@ __all__ = ["PointMass", "available", "check_local", "delta", "diagonal", "full",
 GuideFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, GuideFactory] = {}
 
-#: Initial posterior standard deviation of every latent. Small against the default prior scale (0.1) so that
-#: early steps see little noise; SVI grows it where the data allow.
-DEFAULT_INIT_SCALE = 0.01
+#: Initial posterior standard deviation of every latent, half the default prior scale. On the VADER demo an
+#: initial 0.01 left the fitted scales far below their optimum after 6 epochs (ELBO 0.67 vs 0.48 per example).
+DEFAULT_INIT_SCALE = 0.05
 
 
 def register(name: str) -> Callable[[GuideFactory], GuideFactory]:
