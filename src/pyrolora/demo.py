@@ -32,7 +32,7 @@ DEMO_CONFIG = RunConfig.from_dict(
         "adapters": {"rank": 8, "target_modules": ["query", "value", "output.dense"]},
         "prior": {"scale": 0.1},
         "guide": {"name": "lowrank", "options": {"rank": 2}},
-        "train": {"epochs": 8, "batch_size": 32, "lr": 1e-2, "head_lr": 3e-3, "seed": 0},
+        "train": {"epochs": 6, "batch_size": 64, "lr": 1e-2, "head_lr": 3e-3, "seed": 0},
         "predict": {"num_samples": 15},
     }
 )
