@@ -14,7 +14,6 @@ Everything works for any guide honouring the guide contract (``median()``; draws
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -26,9 +25,9 @@ from typing import Any, Literal
 
 import pyro
 import torch
-from torch.distributions import biject_to, constraints
 from pyro.infer import autoguide
 from torch import nn
+from torch.distributions import biject_to, constraints
 
 from pyrolora._version import __version__
 from pyrolora.adapters.peft_format import adapter_deltas, merged_copy, project_update, save_peft_adapter

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -236,9 +237,7 @@ def project_update(layer: LoraXSLinear, delta: torch.Tensor) -> tuple[torch.Tens
     return core.to(layer.A.dtype), residual
 
 
-def adapter_deltas(
-    backbone: nn.Module, path: str | Path
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def adapter_deltas(backbone: nn.Module, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Load any peft adapter folder onto a plain copy of ``backbone``; return its dense updates and saved head.
 
     Works for every peft method whose layers implement ``get_delta_weight`` (LoRA, TinyLoRA, VeRA, ...): the
@@ -262,7 +261,10 @@ def adapter_deltas(
     try:
         peft_config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
         plain = unwrapped_copy(backbone)
-        wrapped = PeftModel.from_pretrained(plain, str(path), adapter_name="imported", is_trainable=False)
+        with warnings.catch_warnings():
+            # peft 0.21 asks transformers 5 for a deprecated attribute; harmless, and not the user's doing.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+            wrapped = PeftModel.from_pretrained(plain, str(path), adapter_name="imported", is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
         raise RunFolderError(f"cannot load the peft adapter {path} onto this backbone: {err}") from err
     root = wrapped.base_model.model
