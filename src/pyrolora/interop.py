@@ -171,7 +171,12 @@ def export_peft(
     """
     out = Path(out)
     head = model.head_state()
-    common = {"head_state": head, "base_model_name_or_path": base_model_name_or_path, "task_type": task_type}
+    common = {
+        "head_state": head,
+        "modules_to_save": list(model.head_names),
+        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": task_type,
+    }
     manifest: dict[str, Any] = {
         "format": "pyrolora-peft-export-1",
         "pyrolora_version": __version__,

@@ -127,6 +127,7 @@ def save_peft_adapter(
     values: Mapping[str, torch.Tensor],
     *,
     head_state: Mapping[str, torch.Tensor] | None = None,
+    modules_to_save: Sequence[str] | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> Path:
@@ -141,7 +142,9 @@ def save_peft_adapter(
         adapters: the injected LoRA-XS layers.
         values: one R (r, r) per site.
         head_state: the point-estimate task head, keyed by its path in the backbone (e.g.
-            ``classifier.weight``). Its top-level modules become peft's ``modules_to_save``.
+            ``classifier.weight``).
+        modules_to_save: the head's module names for peft; default: the first path component of every
+            ``head_state`` key (``classifier`` for ``classifier.dense.weight``).
         base_model_name_or_path: recorded in the config (the hub id or folder of the base model).
         task_type: peft task type, e.g. ``"SEQ_CLS"``; ``None`` loads as a plain ``PeftModel``.
 
@@ -150,7 +153,7 @@ def save_peft_adapter(
     """
     directory = Path(directory)
     head_state = dict(head_state or {})
-    heads = sorted({key.rsplit(".", 1)[0] for key in head_state})
+    heads = list(modules_to_save) if modules_to_save is not None else sorted({k.split(".")[0] for k in head_state})
     config = peft_lora_config(
         adapters, modules_to_save=heads, base_model_name_or_path=base_model_name_or_path, task_type=task_type
     )
