@@ -2,7 +2,7 @@
 
 A run is trained for a few steps with CSV and TensorBoard logs on, its posterior location is then moved away
 from the origin (a few steps barely move R, and an export test at R ≈ 0 could not fail), and it is saved.
-The command line exports and merges that run folder; peft and transformers must reproduce pyrolora's logits.
+The command line exports that run folder, the API merges it; peft and transformers must reproduce pyrolora's logits.
 """
 
 import copy
@@ -21,7 +21,7 @@ from pyrolora.backbones import DEFAULT_MODEL, load_sequence_classifier
 from pyrolora.cli import app
 from pyrolora.config import RunConfig
 from pyrolora.experiment import load_task, save_run, train
-from pyrolora.interop import export_peft, import_peft, point_latents
+from pyrolora.interop import export_peft, import_peft, merge_to_pretrained, point_latents
 from pyrolora.tracking import CSV_NAME, TENSORBOARD_DIR
 
 pytestmark = [
@@ -107,9 +107,10 @@ def test_exported_draws_reproduce_the_bayesian_model_average(saved, tmp_path):
     torch.testing.assert_close(torch.stack(probs), prediction.probs, atol=ATOL, rtol=0)
 
 
-def test_cli_merge_reloads_as_a_plain_transformers_model(saved, tmp_path):
-    folder, _, inputs, expected = saved
-    _cli("merge", folder, "--out", tmp_path / "merged")
+def test_merged_model_reloads_as_a_plain_transformers_model(saved, tmp_path):
+    _, run, inputs, expected = saved
+    # the API behind `pyrolora merge` (which only adds load_run, exercised by the export test above)
+    merge_to_pretrained(run.model, run.guide, tmp_path / "merged", tokenizer=run.tokenizer)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     with torch.no_grad():

@@ -90,7 +90,10 @@ def build(config: RunConfig, splits: dict[str, ClassificationSplit] | None = Non
 
 
 def _training_logger(run: Run, log_dir: str | Path | None) -> Any:
-    """The :class:`~pyrolora.tracking.TrainingLogger` the ``[log]`` section asks for, or ``None``."""
+    """The :class:`~pyrolora.tracking.TrainingLogger` the ``[log]`` section asks for, or ``None``.
+
+    With ``[log] csv`` or ``tensorboard`` enabled, ``train(..., log_dir=RUN_DIR)`` logs every step there.
+    """
     spec = run.config.log
     if not (spec.csv or spec.tensorboard):
         return None
@@ -139,10 +142,7 @@ def train(
     splits: dict[str, ClassificationSplit] | None = None,
     log_dir: str | Path | None = None,
 ) -> Run:
-    """Build a run and fit its guide and head on the ``train`` split.
-
-    With ``[log] csv`` or ``tensorboard`` enabled, per-step logs go to ``log_dir`` (the run folder).
-    """
+    """Build a run and fit its guide and head on the ``train`` split."""
     run = build(config, splits)
     t = config.train
     logger = _training_logger(run, log_dir)
