@@ -169,3 +169,14 @@ def test_import_reports_missing_sites_and_initialize_rejects_unknown_guides(tmp_
     assert all(report.values[n].abs().max() == 0 for n in report.missing)
     with pytest.raises(ConfigError, match="_Skewed"):
         initialize_guide(_Skewed(fresh), fresh, report.values)
+
+
+def test_cli_rejects_a_bad_point_before_loading_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from pyrolora.cli import app
+
+    for command in ("export", "merge"):
+        result = CliRunner().invoke(app, [command, str(tmp_path), "--out", str(tmp_path / "x"), "--which", "mode"])
+        assert result.exit_code == 2 and "which must be" in result.output
+        assert not (tmp_path / "x").exists()
