@@ -30,8 +30,8 @@ pytestmark = [
 ]
 
 # float32 through six BERT layers: peft's lora_B(lora_A(x)) against pyrolora's B((s R)(A x)), or one merged
-# matmul against three small ones; the logits differ by float32 reassociation only (measured <= 3e-6).
-ATOL = 1e-4
+# matmul against three small ones; the logits differ by float32 reassociation only (measured 4e-8).
+ATOL = 1e-5
 
 CONFIG = RunConfig().replace(
     model={"max_length": 16},
@@ -49,7 +49,7 @@ def saved(tmp_path_factory, real_model_threads):
     run = train(CONFIG, progress=False, splits=splits, log_dir=folder)
     torch.manual_seed(1)
     with torch.no_grad():
-        run.guide.loc.add_(0.05 * torch.randn_like(run.guide.loc))  # away from R ≈ 0 (see the module docstring)
+        run.guide.loc.add_(0.2 * torch.randn_like(run.guide.loc))  # away from R ≈ 0 (see the module docstring)
     save_run(run, folder)
     test = run.splits["test"].subset(range(48))
     inputs, _ = next(iter(run.loader(test)))
