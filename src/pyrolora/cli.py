@@ -1,4 +1,4 @@
-"""The command line: ``pyrolora demo | train | evaluate``."""
+"""The command line: ``pyrolora demo | train | evaluate | export | merge``."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def train_cmd(
     from pyrolora.experiment import evaluate, save_run, train
 
     try:
-        run = train(load_config(config))
+        run = train(load_config(config), log_dir=out)
         evaluation = evaluate(run, "test", progress=True)
         run.metrics = {"test": evaluation.metrics}
         save_run(run, out)
@@ -70,6 +70,42 @@ def evaluate_cmd(
     except PyroloraError as err:
         _fail(err)
     typer.echo(json.dumps(evaluation.metrics, indent=2))
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pyrolora train`.")],
+    out: Annotated[Path, typer.Option("--out", help="Adapter folder (mean/median) or folder of draws (sample).")],
+    which: Annotated[
+        str, typer.Option(help="mean or median of the posterior (one adapter; median of delta = MAP), or sample.")
+    ] = "median",
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Posterior draws S for --which sample.")] = 15,
+    seed: Annotated[int, typer.Option(help="Seed of the posterior draws.")] = 0,
+) -> None:
+    """Export a run's posterior as standard peft LoRA adapters (one point, or S named draws)."""
+    from pyrolora.interop import export_run
+
+    try:
+        folders = export_run(run_dir, out, which=which, num_samples=num_samples, seed=seed)  # type: ignore[arg-type]
+    except PyroloraError as err:
+        _fail(err)
+    typer.echo(f"wrote {len(folders)} peft LoRA adapter(s) to {out}")
+
+
+@app.command("merge")
+def merge_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pyrolora train`.")],
+    out: Annotated[Path, typer.Option("--out", help="New folder for the merged transformers model.")],
+    which: Annotated[str, typer.Option(help="Posterior point to merge: mean or median.")] = "median",
+) -> None:
+    """Save a plain transformers model with the adapters folded in at one posterior point."""
+    from pyrolora.interop import merge_run
+
+    try:
+        merge_run(run_dir, out, which=which)  # type: ignore[arg-type]
+    except PyroloraError as err:
+        _fail(err)
+    typer.echo(f"saved the merged model to {out}")
 
 
 if __name__ == "__main__":

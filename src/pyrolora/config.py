@@ -43,6 +43,7 @@ from pyrolora.errors import ConfigError
 
 __all__ = [
     "GuideSpec",
+    "LogSpec",
     "ModelSpec",
     "PredictSpec",
     "PriorSpec",
@@ -144,6 +145,30 @@ class PredictSpec:
             _check_number(getattr(self, name), f"predict.{name}", positive=True)
 
 
+@dataclass(frozen=True)
+class LogSpec:
+    """Training logs in the run folder (see :mod:`pyrolora.tracking`); both sinks are off by default.
+
+    ``csv`` writes ``train_log.csv``; ``tensorboard`` writes events under ``tensorboard/`` (view them with
+    ``tensorboard --logdir RUN_DIR``). ``every``: log every n-th step. ``validation_every``: steps between
+    validation metrics (0: only after the last step), each with ``validation_samples`` posterior draws.
+    ``kl_particles``: draws per KL estimate (0: no KL column).
+    """
+
+    csv: bool = False
+    tensorboard: bool = False
+    every: int = 1
+    validation_every: int = 0
+    validation_samples: int = 4
+    kl_particles: int = 1
+
+    def __post_init__(self) -> None:
+        _check_number(self.every, "log.every", positive=True)
+        _check_number(self.validation_samples, "log.validation_samples", positive=True)
+        _check_number(self.validation_every, "log.validation_every", minimum=0)
+        _check_number(self.kl_particles, "log.kl_particles", minimum=0)
+
+
 _SECTIONS: dict[str, type] = {
     "model": ModelSpec,
     "task": TaskSpec,
@@ -152,6 +177,7 @@ _SECTIONS: dict[str, type] = {
     "guide": GuideSpec,
     "train": TrainSpec,
     "predict": PredictSpec,
+    "log": LogSpec,
 }
 
 
@@ -232,6 +258,7 @@ class RunConfig:
     guide: GuideSpec = field(default_factory=GuideSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     predict: PredictSpec = field(default_factory=PredictSpec)
+    log: LogSpec = field(default_factory=LogSpec)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:

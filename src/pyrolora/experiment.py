@@ -89,10 +89,63 @@ def build(config: RunConfig, splits: dict[str, ClassificationSplit] | None = Non
     return Run(config=config, model=model, guide=guide, tokenizer=tokenizer, splits=splits)
 
 
-def train(config: RunConfig, *, progress: bool = True, splits: dict[str, ClassificationSplit] | None = None) -> Run:
+def _training_logger(run: Run, log_dir: str | Path | None) -> Any:
+    """The :class:`~pyrolora.tracking.TrainingLogger` the ``[log]`` section asks for, or ``None``.
+
+    With ``[log] csv`` or ``tensorboard`` enabled, ``train(..., log_dir=RUN_DIR)`` logs every step there.
+    """
+    spec = run.config.log
+    if not (spec.csv or spec.tensorboard):
+        return None
+    if log_dir is None:
+        raise ConfigError("[log] enables csv or tensorboard logs; pass log_dir (the run folder) to train().")
+    from pyrolora.tracking import TrainingLogger, learning_rates, steps_for
+
+    t = run.config.train
+    steps_per_epoch = -(-len(run.splits["train"]) // t.batch_size)
+    num_steps = steps_for(steps_per_epoch, t.epochs)
+    validate = None
+    if "validation" in run.splits:
+        val_loader = run.loader("validation")
+        val_split = run.splits["validation"]
+
+        def validate() -> dict[str, float]:
+            p = run.config.predict
+            mean = predict(run.model, run.guide, val_loader, num_samples=spec.validation_samples, seed=0).mean
+            return {
+                "accuracy": metrics.accuracy(mean, val_split.labels),
+                "ece": metrics.ece(mean, val_split.labels, n_bins=p.n_bins),
+                "nll": metrics.nll(mean, val_split.labels),
+                "brier": metrics.brier(mean, val_split.labels),
+            }
+
+    return TrainingLogger(
+        log_dir,
+        run.model,
+        run.guide,
+        csv=spec.csv,
+        tensorboard=spec.tensorboard,
+        every=spec.every,
+        rates=learning_rates(t.lr, t.head_lr, num_steps=num_steps, warmup=t.warmup, schedule=t.schedule),
+        steps_per_epoch=steps_per_epoch,
+        validate=validate,
+        validation_every=spec.validation_every,
+        kl_particles=spec.kl_particles,
+        num_steps=num_steps,
+    )
+
+
+def train(
+    config: RunConfig,
+    *,
+    progress: bool = True,
+    splits: dict[str, ClassificationSplit] | None = None,
+    log_dir: str | Path | None = None,
+) -> Run:
     """Build a run and fit its guide and head on the ``train`` split."""
     run = build(config, splits)
     t = config.train
+    logger = _training_logger(run, log_dir)
     run.fit_result = fit(
         run.model,
         run.guide,
@@ -106,7 +159,10 @@ def train(config: RunConfig, *, progress: bool = True, splits: dict[str, Classif
         num_particles=t.num_particles,
         seed=t.seed,
         progress=progress,
+        callback=logger,
     )
+    if logger is not None:
+        logger.close()
     return run
 
 
