@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from pyro.infer import MCMC, NUTS
+from pyro.infer.mcmc import api as mcmc_api
 
 from pyrolora import BayesianLoraModel, LoraXSConfig, fit, guides, inject_adapters
 from pyrolora.diagnostics import (
@@ -132,10 +133,14 @@ def test_bad_draws_and_data_are_refused_with_the_fix():
 
 
 @pytest.mark.slow
-def test_nuts_chains_feed_every_group_and_match_the_exact_posterior():
+def test_nuts_chains_feed_every_group_and_match_the_exact_posterior(monkeypatch):
     """Pyro's MCMC object goes in as is: its per-chain samples and its ``diverging`` field."""
     model, data, mean, cov = _problem()
-    mcmc = MCMC(NUTS(model), num_samples=150, warmup_steps=100, num_chains=2, chain_method="sequential")
+    # Pyro runs several chains in worker processes when it sees spare cores; draw them one after the other here.
+    monkeypatch.setattr(mcmc_api.mp, "cpu_count", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="num_chains=2 is more than available_cpu")
+        mcmc = MCMC(NUTS(model), num_samples=150, warmup_steps=100, num_chains=2, disable_progbar=True)
     mcmc.run(data[0][0], data[0][1])
     idata = to_inference_data(model, draws=mcmc, data=data, seed=0)
     assert set(idata.groups()) == {

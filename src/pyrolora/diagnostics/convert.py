@@ -45,6 +45,20 @@ def _as_chains(name: str, value: Any, shape: tuple[int, int]) -> torch.Tensor:
     return value
 
 
+def _pyro_divergences(diagnostics: Any, samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``diverging`` (chains, draws) from Pyro's ``MCMC.diagnostics()["divergences"]`` (indices per chain)."""
+    found = diagnostics.get("divergences") if isinstance(diagnostics, Mapping) else None
+    if not isinstance(found, Mapping) or not samples:
+        return {}
+    num_chains, num_draws = torch.as_tensor(next(iter(samples.values()))).shape[:2]
+    diverging = torch.zeros(num_chains, num_draws, dtype=torch.bool)
+    for chain, indices in enumerate(found.values()):
+        for index in indices:
+            if 0 <= int(index) < num_draws and chain < num_chains:  # negative indices fell in the warm-up
+                diverging[chain, int(index)] = True
+    return {"diverging": diverging}
+
+
 def chain_draws(
     model: BayesianLoraModel,
     guide: nn.Module | None = None,
@@ -75,14 +89,20 @@ def chain_draws(
     shapes = model.adapters.shapes
     stats: dict[str, torch.Tensor] = {}
     if draws is None and guide is not None and hasattr(guide, "get_samples"):
-        draws = guide  # a guide that keeps its own chains (MCMC-style)
+        try:  # a guide that keeps its own chains (MCMC-style); otherwise it is sampled like any guide
+            guide.get_samples(group_by_chain=True)
+            draws = guide
+        except TypeError:
+            draws = None
     if draws is not None:
         if hasattr(draws, "get_samples") and not isinstance(draws, Mapping):
             source = draws
             draws = source.get_samples(group_by_chain=True)
-            if hasattr(source, "get_extra_fields"):
+            if hasattr(source, "get_extra_fields"):  # NumPyro-style
                 extra = source.get_extra_fields(group_by_chain=True)
                 stats = {k: torch.as_tensor(v).detach().cpu() for k, v in extra.items()}
+            elif callable(getattr(source, "diagnostics", None)):  # Pyro's MCMC: divergent draws by index
+                stats = _pyro_divergences(source.diagnostics(), draws)
         if not isinstance(draws, Mapping):
             raise ConfigError(f"draws must be a dict site -> tensor or have get_samples(), got {type(draws).__name__}.")
         missing = sorted(set(shapes) - set(draws))
