@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
             "train_seconds": run.fit_result.seconds,
             "seconds": time.perf_counter() - t0,
         }
-        print(f"{label}: {json.dumps({k: v for k, v in rows[label].items() if k != 'spectrum'})}", flush=True)
+        print(f"{label}: {json.dumps(rows[label])}", flush=True)
 
     header = "| guide | acc | ECE | NLL | Brier | Spearman vs human | eff. rank | top-2 share | train s |"
     lines = [header, "|---|---|---|---|---|---|---|---|---|"]
