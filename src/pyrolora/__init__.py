@@ -1,5 +1,6 @@
 """pyrolora: Bayesian LoRA-XS as a Pyro probabilistic program."""
 
+from pyrolora import diagnostics
 from pyrolora._version import __version__
 from pyrolora.adapters import AdapterSet, LoraXSConfig, LoraXSLinear, inject_adapters
 from pyrolora.errors import PyroloraError
@@ -16,6 +17,7 @@ __all__ = [
     "Prediction",
     "PyroloraError",
     "__version__",
+    "diagnostics",
     "fit",
     "guides",
     "inject_adapters",

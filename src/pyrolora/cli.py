@@ -108,5 +108,43 @@ def merge_cmd(
     typer.echo(f"saved the merged model to {out}")
 
 
+@app.command("diagnose")
+def diagnose_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pyrolora train`.")],
+    out: Annotated[Path | None, typer.Option(help="Report folder (default RUN_DIR/diagnostics).")] = None,
+    split: Annotated[str, typer.Option(help="Split for calibration and log-likelihoods.")] = "test",
+    max_examples: Annotated[int, typer.Option(help="First N examples of the split (0: all).")] = 500,
+    num_samples: Annotated[int, typer.Option(help="Posterior draws per chain.")] = 50,
+    num_chains: Annotated[int, typer.Option(help="Chains of guide draws.")] = 2,
+    pareto_samples: Annotated[
+        int, typer.Option(help="Draws for the guide's Pareto-k (0 skips; costs S passes over the train split).")
+    ] = 0,
+) -> None:
+    """Write a diagnostics report (Markdown with pictures) and the posterior as netCDF; print a summary."""
+    from pyrolora.diagnostics.report import check_run_dir, diagnose
+
+    try:
+        check_run_dir(run_dir)
+        result = diagnose(
+            run_dir,
+            out,
+            split=split,
+            max_examples=max_examples or None,
+            num_samples=num_samples,
+            num_chains=num_chains,
+            pareto_samples=pareto_samples,
+        )
+    except PyroloraError as err:
+        _fail(err)
+    n = result.numbers
+    typer.echo(result.table)
+    typer.echo(
+        f"\naccuracy {n['metrics']['accuracy']:.3f}  ECE {n['metrics']['ece']:.3f}  NLL {n['metrics']['nll']:.3f}  "
+        f"elpd_loo {n['loo']['elpd_loo']:.2f}  effective rank {n['spectrum']['effective_rank']:.2f} "
+        f"of {n['spectrum']['dimension']}"
+    )
+    typer.echo(f"wrote {result.report} and {result.netcdf}")
+
+
 if __name__ == "__main__":
     app()
