@@ -273,9 +273,7 @@ class Flow(autoguide.AutoIAFNormal):
 
 
 @register("flow")
-def flow(
-    model: BayesianLoraModel, hidden_dim: int | None = None, num_transforms: int = 2, num_mc: int = 1000
-) -> Flow:
+def flow(model: BayesianLoraModel, hidden_dim: int | None = None, num_transforms: int = 2, num_mc: int = 1000) -> Flow:
     """An inverse-autoregressive-flow guide (see :class:`Flow`); ``hidden_dim`` None means Pyro's 3·D + 1."""
     for value, what in ((num_transforms, "num_transforms"), (num_mc, "num_mc")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -175,7 +175,8 @@ class NUTS(PointStart):
                     mcmc.run()
                     draws = mcmc.get_samples()["z"].detach()  # (S, D)
                     self.chains[chain].copy_(draws.to(self.chains.dtype))
-                    self.diagnostics.append(mcmc.diagnostics())
+                    # Pyro's split R-hat needs at least 4 draws per chain.
+                    self.diagnostics.append(mcmc.diagnostics() if self.num_samples >= 4 else {})
             finally:
                 model.train(was_training)
         self.sampled.fill_(True)

@@ -181,16 +181,12 @@ class SWAG(PointStart):
             num_steps = max(1, math.ceil(num_epochs * batches))
         pre = round(self.start * num_steps) if self.start < 1 else int(self.start)
         if pre >= num_steps:
-            raise ConfigError(
-                f"swag start={self.start!r} leaves no step for collection out of {num_steps}; lower it."
-            )
+            raise ConfigError(f"swag start={self.start!r} leaves no step for collection out of {num_steps}; lower it.")
         frequency = self.frequency or batches or 1
         results: list[FitResult] = []
         with self.map_stage():
             if pre > 0:
-                results.append(
-                    fit(model, self, data, num_steps=pre, lr=lr, seed=seed, callback=callback, **fit_kwargs)
-                )
+                results.append(fit(model, self, data, num_steps=pre, lr=lr, seed=seed, callback=callback, **fit_kwargs))
             if self.prototype_trace is not None:
                 self.reset()
 
