@@ -274,7 +274,7 @@ class Flow(autoguide.AutoIAFNormal):
 
 @register("flow")
 def flow(model: BayesianLoraModel, hidden_dim: int | None = None, num_transforms: int = 2, num_mc: int = 1000) -> Flow:
-    """An inverse-autoregressive-flow guide (see :class:`Flow`); ``hidden_dim`` None means Pyro's 3·D + 1."""
+    """An inverse-autoregressive-flow guide (see :class:`Flow`); ``hidden_dim`` (>= D) None means Pyro's 3·D + 1."""
     for value, what in ((num_transforms, "num_transforms"), (num_mc, "num_mc")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"flow guide {what} must be a positive integer, got {value!r}.")
