@@ -17,7 +17,7 @@ from tests.conftest import tiny_bert, token_batch
 
 #: Options that keep every family to a second or two on the tiny model.
 CHEAP = {
-    "nuts": {"num_chains": 2, "num_samples": 4, "warmup_steps": 4, "max_tree_depth": 2},
+    "nuts": {"num_chains": 2, "num_samples": 4, "warmup_steps": 2, "max_tree_depth": 2},
     "swag": {"rank": 4, "frequency": 1},
     "flow": {"hidden_dim": 40, "num_mc": 200},  # the MADE needs a width >= D = 16
 }
@@ -143,8 +143,16 @@ REPRESENTATIVE_PRIORS = {
 }
 
 
-@pytest.mark.parametrize("guide_name", ["lowrank", "blockwise", "laplace", "swag", "nuts"])
-@pytest.mark.parametrize("prior_name", sorted(REPRESENTATIVE_PRIORS))
+#: Every prior with the SVI, Laplace and SWAG families; NUTS (the slowest) with the hierarchical priors only.
+PAIRS = [(p, g) for p in sorted(REPRESENTATIVE_PRIORS) for g in ("lowrank", "blockwise", "laplace", "swag")] + [
+    ("hierarchical", "nuts"),
+    ("hierarchical_per_module", "nuts"),
+    ("student_t", "flow"),
+    ("hierarchical", "meanfield"),
+]
+
+
+@pytest.mark.parametrize(("prior_name", "guide_name"), PAIRS)
 def test_priors_by_guides(tmp_path, prior_name, guide_name):
     model, data = _build(REPRESENTATIVE_PRIORS[prior_name]()), _data()
     guide = guides.make(guide_name, model, **CHEAP.get(guide_name, {}))
