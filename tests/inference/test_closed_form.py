@@ -77,26 +77,28 @@ def _svi(name, steps=1500, correlated=False, **options):
 
 @pytest.mark.parametrize("name", ["meanfield", "diagonal"])
 def test_mean_field_guides_recover_the_mean_field_optimum(name):
-    _, guide, mean, cov = _svi(name, correlated=True)
+    _, guide, mean, cov = _svi(name, steps=800, correlated=True)
     precision = torch.linalg.inv(cov)
     sd = cov.diagonal().sqrt()
     loc = guide.median()["0"].reshape(-1)
     lo, hi = guide.quantiles([0.15865525393145707, 0.8413447460685429]).values().__iter__().__next__()
     fitted_sd = ((hi - lo) / 2).reshape(-1)  # the 1-sigma quantiles of a normal: exactly its scale
     target_sd = precision.diagonal().rsqrt()
-    # One particle per step and a cosine decay over 1500 steps: the measured error was below 0.05 posterior sd
-    # on the mean and 5% on the scales; the tolerances allow 2-3x. The marginal (not mean-field) scales differ
-    # from the target by more than 10% here (checked below), so a guide that found them would fail.
-    assert ((loc - mean).abs() / sd).max() < 0.15
-    assert ((fitted_sd - target_sd).abs() / target_sd).max() < 0.10
-    assert ((sd - target_sd).abs() / target_sd).max() > 0.10
+    # One particle per step and a cosine decay over 800 steps: measured 0.034 posterior sd on the mean and 5.1%
+    # on the scales (1500 steps gave 0.028 and 5.3%: the noise floor of one particle); the tolerances allow
+    # 3x and 2.3x. The marginal scales are 2.3x the mean-field ones here (correlation -0.9, checked below), so
+    # a guide that found the marginals, or the prior, would fail.
+    assert ((loc - mean).abs() / sd).max() < 0.10
+    assert ((fitted_sd - target_sd).abs() / target_sd).max() < 0.12
+    assert ((sd - target_sd).abs() / target_sd).min() > 1.0
 
 
 def test_lowrank_with_full_rank_recovers_the_exact_posterior():
     _, guide, mean, cov = _svi("lowrank", steps=3000, rank=RANK * RANK)
     posterior = guide.get_posterior()
     sd = cov.diagonal().sqrt()
-    # Same noise argument as for the full guide above (measured ~0.05 sd and ~3% of the largest entry).
+    # Same noise argument as for the full guide above; measured 0.031 sd on the mean and 5.6% of the largest
+    # covariance entry after 3000 steps (1500 steps left 0.12 and 8%: the low-rank factor converges slowly).
     assert ((posterior.loc.detach() - mean).abs() / sd).max() < 0.15
     assert (posterior.covariance_matrix.detach() - cov).abs().max() / cov.abs().max() < 0.10
 
@@ -135,8 +137,9 @@ def test_swag_mean_on_sgd_iterates_is_close_to_the_posterior_mean():
     assert guide.num_collected == 60
     swag_mean = guide.median()["0"].reshape(-1)
     # The iterates wander around the MAP (= posterior mean, the problem being Gaussian) with a spread set by the
-    # learning rate; their average was within 0.02 sd at lr 0.01. 0.1 sd allows for another seed.
-    assert ((swag_mean - mean).abs() / sd).max() < 0.1
+    # learning rate; their average was within 0.0006 sd at lr 0.01. 0.02 sd allows for another seed; stopping
+    # collection early (a start far from the MAP) or averaging the wrong quantity would exceed it.
+    assert ((swag_mean - mean).abs() / sd).max() < 0.02
     draws = guide.sample_latents(64)["0"]
     assert draws.shape == (64, RANK, RANK) and draws.std(0).min() > 0
 
@@ -151,10 +154,12 @@ def test_nuts_matches_the_posterior_within_monte_carlo_error():
     assert guide.chains.shape == (2, 200, RANK * RANK)
     draws = guide.chains.reshape(-1, RANK * RANK)
     sd = cov.diagonal().sqrt()
-    # 400 draws with NUTS's near-independent draws on a Gaussian: the Monte Carlo sd of the mean is about
-    # sd / sqrt(400) = 0.05 sd and the relative sd of a covariance entry about sqrt(2 / 400) = 0.07; the
-    # tolerances are 4 and 3.5 Monte Carlo sds.
-    assert ((draws.mean(0) - mean).abs() / sd).max() < 0.2
-    assert (torch.cov(draws.T) - cov).abs().max() / cov.abs().max() < 0.25
+    # 400 draws: with independent draws the Monte Carlo sd of the mean would be sd / sqrt(400) = 0.05 sd and
+    # that of a covariance entry about sqrt(2 / 400) = 7%; measured 0.065 sd and 19% (the largest of 16 entries,
+    # and the effective sample size of the variances is below 400). The tolerances, 0.25 sd and 35%, still
+    # fail a sampler with the likelihood scaled wrongly (N/B) or missing the prior, which moves the covariance
+    # by 2x or more.
+    assert ((draws.mean(0) - mean).abs() / sd).max() < 0.25
+    assert (torch.cov(draws.T) - cov).abs().max() / cov.abs().max() < 0.35
     rhat = az.rhat(az.convert_to_dataset({"R": guide.chain_samples()["0"].numpy()}))["R"].values
-    assert rhat.max() < 1.05  # two well-mixed chains on a 4-dimensional Gaussian
+    assert rhat.max() < 1.05  # two well-mixed chains on a 4-dimensional Gaussian (measured 1.02)
