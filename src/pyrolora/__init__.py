@@ -5,7 +5,7 @@ from pyrolora._version import __version__
 from pyrolora.adapters import AdapterSet, LoraXSConfig, LoraXSLinear, inject_adapters
 from pyrolora.errors import PyroloraError
 from pyrolora.evaluation import metrics
-from pyrolora.inference import FitResult, Prediction, fit, guides, predict
+from pyrolora.inference import FitResult, Prediction, fit, fit_posterior, guides, predict
 from pyrolora.models import BayesianLoraModel, likelihoods, priors
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "__version__",
     "diagnostics",
     "fit",
+    "fit_posterior",
     "guides",
     "inject_adapters",
     "likelihoods",

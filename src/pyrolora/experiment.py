@@ -27,7 +27,8 @@ from pyrolora.config import RunConfig, TaskSpec
 from pyrolora.data import ClassificationSplit, TokenizedLoader, vader_splits
 from pyrolora.errors import ConfigError, RunFolderError
 from pyrolora.evaluation import metrics
-from pyrolora.inference import FitResult, Prediction, fit, guides, predict
+from pyrolora.inference import FitResult, Prediction, guides, predict
+from pyrolora.inference.posterior import fit_posterior
 from pyrolora.inference.state import load_state, save_state
 from pyrolora.models import BayesianLoraModel, priors
 
@@ -146,7 +147,7 @@ def train(
     run = build(config, splits)
     t = config.train
     logger = _training_logger(run, log_dir)
-    run.fit_result = fit(
+    run.fit_result = fit_posterior(  # SVI for variational guides; MAP + Hessian/collection/chains for the others
         run.model,
         run.guide,
         run.loader("train", shuffle=True),

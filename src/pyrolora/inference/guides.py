@@ -8,8 +8,10 @@ names are there for configs and the command line::
 
 Every guide honours the contract downstream code relies on: it is callable with the model's arguments, and
 offers ``median()`` and ``quantiles(qs)`` over the adapter sites; the Gaussian families also offer
-``get_posterior()``. Guides are created lazily: their parameters exist after the first call (``fit`` makes it),
-or after :func:`setup`.
+``get_posterior()``. Families fit by more than SVI (``laplace``, ``swag``, ``nuts``) start as a point mass that
+:func:`pyrolora.fit` trains as a MAP; :func:`pyrolora.inference.fit_posterior` runs their whole procedure, and
+they draw latents with ``sample_latents(num_samples)``. Guides are created lazily: their parameters exist after
+the first call (``fit`` makes it), or after :func:`setup`.
 """
 
 from __future__ import annotations
@@ -19,14 +21,40 @@ from typing import Any
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import autoguide
 from pyro.infer.autoguide.initialization import init_to_feasible
 from torch import nn
 
 from pyrolora.errors import ConfigError
+from pyrolora.inference.laplace import Laplace
+from pyrolora.inference.mcmc import NUTS
+from pyrolora.inference.swag import SWAG
 from pyrolora.models import BayesianLoraModel
 
-__all__ = ["PointMass", "available", "check_local", "delta", "diagonal", "full", "lowrank", "make", "register", "setup"]
+__all__ = [
+    "NUTS",
+    "SWAG",
+    "Blockwise",
+    "Flow",
+    "Laplace",
+    "PointMass",
+    "available",
+    "blockwise",
+    "check_local",
+    "delta",
+    "diagonal",
+    "flow",
+    "full",
+    "laplace",
+    "lowrank",
+    "make",
+    "meanfield",
+    "nuts",
+    "register",
+    "setup",
+    "swag",
+]
 
 GuideFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, GuideFactory] = {}
@@ -157,3 +185,140 @@ class PointMass(autoguide.AutoDelta):
 def delta(model: BayesianLoraModel) -> PointMass:
     """A point mass at the MAP: plain LoRA-XS trained with the prior as weight decay. Stores D numbers."""
     return PointMass(model, init_loc_fn=init_to_feasible)
+
+
+# ---------------------------------------------------------------------------------------------- the zoo
+@register("meanfield")
+def meanfield(model: BayesianLoraModel, init_scale: float = DEFAULT_INIT_SCALE) -> autoguide.AutoNormal:
+    """``q(θ) = Π_site Π_ij N(μ_ij, σ_ij²)``: independent normals, with one loc and scale tensor per site.
+
+    The same family as ``diagonal`` but parameterised per site (``guide.locs.<site>``, ``guide.scales.<site>``,
+    readable by name) rather than over the stacked vector. Stores 2·D numbers. No ``get_posterior``.
+    """
+    return autoguide.AutoNormal(model, init_loc_fn=init_to_feasible, init_scale=_positive(init_scale, "init_scale"))
+
+
+class Blockwise(autoguide.AutoGuideList):
+    """One low-rank-plus-diagonal Gaussian per adapted module, independent across modules.
+
+    ``q(θ) = Π_l N(μ_l, L_l L_lᵀ + diag(d_l))`` with ``L_l`` of shape (r², K): the block-diagonal alternative to
+    one joint ``lowrank`` Gaussian, which cannot represent correlations between modules but costs nothing to
+    shard. Latent sites that are not adapter cores (hyperparameters of a hierarchical prior) get a mean-field
+    normal. Part ``i`` of the list is the guide of ``model.site_names[i]`` and has its own ``get_posterior()``;
+    the whole has no joint one. Stores D·(K + 2) numbers (K capped at r² per block).
+    """
+
+    def __init__(self, model: BayesianLoraModel, rank: int = 2, init_scale: float = DEFAULT_INIT_SCALE) -> None:
+        super().__init__(model)
+        for name, shape in model.adapters.shapes.items():
+            size = 1
+            for n in shape:
+                size *= n
+            block = poutine.block(model, expose=[name])
+            self.append(
+                autoguide.AutoLowRankMultivariateNormal(
+                    block, rank=min(rank, size), init_scale=init_scale, init_loc_fn=init_to_feasible
+                )
+            )
+        with torch.random.fork_rng():
+            names = [n for n, s in poutine.trace(model).get_trace(None).iter_stochastic_nodes()]
+        others = [n for n in names if n not in model.adapters]
+        if others:
+            rest = poutine.block(model, expose=others)
+            self.append(autoguide.AutoNormal(rest, init_loc_fn=init_to_feasible, init_scale=init_scale))
+
+
+@register("blockwise")
+def blockwise(model: BayesianLoraModel, rank: int = 2, init_scale: float = DEFAULT_INIT_SCALE) -> Blockwise:
+    """An independent rank-``rank`` low-rank Gaussian per adapted module (see :class:`Blockwise`)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"blockwise guide rank K must be a positive integer, got {rank!r}.")
+    return Blockwise(model, rank=rank, init_scale=_positive(init_scale, "init_scale"))
+
+
+class Flow(autoguide.AutoIAFNormal):
+    """A normalizing flow: ``z = f_T ∘ ... ∘ f_1(ε)``, ``ε ~ N(0, I)``, each ``f_t`` an inverse autoregressive
+    affine transform (Kingma et al., 2016) made by a MADE network, then each site mapped to its support.
+
+    Can represent skewed and correlated non-Gaussian posteriors. ``median`` and ``quantiles`` have no closed
+    form: they are Monte Carlo estimates from ``num_mc`` draws at a fixed seed (their error is about
+    ``sd / sqrt(num_mc)`` for the median). Stores about ``T·(2·D·H + H²)`` numbers for hidden width H.
+    """
+
+    def __init__(self, model: BayesianLoraModel, hidden_dim: int | None, num_transforms: int, num_mc: int) -> None:
+        super().__init__(model, hidden_dim=None if hidden_dim is None else [hidden_dim], num_transforms=num_transforms)
+        self.num_mc = num_mc
+
+    @torch.no_grad()
+    def _mc_draws(self) -> dict[str, torch.Tensor]:
+        if self.prototype_trace is None:
+            raise ConfigError("the flow guide has no parameters yet; fit it or call guides.setup(guide, model).")
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            z = self.get_posterior().sample((self.num_mc,))  # (M, D)
+        from torch.distributions import biject_to
+
+        return {site["name"]: biject_to(site["fn"].support)(u) for site, u in self._unpack_latent(z)}
+
+    def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return {k: v.median(0).values for k, v in self._mc_draws().items()}
+
+    def quantiles(
+        self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, value in self._mc_draws().items():
+            out[name] = torch.quantile(value, torch.as_tensor(quantiles, dtype=value.dtype), dim=0)
+        return out
+
+
+@register("flow")
+def flow(model: BayesianLoraModel, hidden_dim: int | None = None, num_transforms: int = 2, num_mc: int = 1000) -> Flow:
+    """An inverse-autoregressive-flow guide (see :class:`Flow`); ``hidden_dim`` (>= D) None means Pyro's 3·D + 1."""
+    for value, what in ((num_transforms, "num_transforms"), (num_mc, "num_mc")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"flow guide {what} must be a positive integer, got {value!r}.")
+    if hidden_dim is not None and (isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1):
+        raise ConfigError(f"flow guide hidden_dim must be a positive integer or None, got {hidden_dim!r}.")
+    return Flow(model, hidden_dim, num_transforms, num_mc)
+
+
+@register("laplace")
+def laplace(model: BayesianLoraModel, damping: float = 1e-2) -> Laplace:
+    """A damped Laplace approximation at the MAP (see :class:`~pyrolora.inference.laplace.Laplace`)."""
+    return Laplace(model, damping=damping)
+
+
+@register("swag")
+def swag(
+    model: BayesianLoraModel,
+    rank: int = 20,
+    start: float = 0.5,
+    frequency: int | None = None,
+    collect_lr: float | None = None,
+    scale: float = 0.5,
+) -> SWAG:
+    """SWAG collected from MAP iterates of the same model (see :class:`~pyrolora.inference.swag.SWAG`)."""
+    return SWAG(model, rank=rank, start=start, frequency=frequency, collect_lr=collect_lr, scale=scale)
+
+
+@register("nuts")
+def nuts(
+    model: BayesianLoraModel,
+    num_chains: int = 2,
+    num_samples: int = 200,
+    warmup_steps: int = 200,
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 8,
+    init_jitter: float = 0.01,
+) -> NUTS:
+    """NUTS over the latents, several chains (see :class:`~pyrolora.inference.mcmc.NUTS`)."""
+    return NUTS(
+        model,
+        num_chains=num_chains,
+        num_samples=num_samples,
+        warmup_steps=warmup_steps,
+        target_accept_prob=target_accept_prob,
+        max_tree_depth=max_tree_depth,
+        init_jitter=init_jitter,
+    )

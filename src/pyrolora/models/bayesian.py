@@ -157,7 +157,13 @@ class BayesianLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ the model
     def sample_latents(self) -> dict[str, torch.Tensor]:
-        """Sample every adapter core ``R`` from the prior, one site per adapted module (shape (r, r))."""
+        """Sample every adapter core ``R`` from the prior, one site per adapted module (shape (r, r)).
+
+        A prior with latent hyperparameters (a ``sample_hyperparameters(site_names)`` method) samples them first.
+        """
+        hyper = getattr(self.prior, "sample_hyperparameters", None)
+        if hyper is not None:
+            hyper(tuple(self.adapters.shapes))
         return {name: pyro.sample(name, self.prior(name, shape)) for name, shape in self.adapters.shapes.items()}
 
     def outputs(self, inputs: Inputs, values: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""One contract matrix over every registered guide and a representative set of priors.
+
+Each family is fit in the mode ``fit`` uses (Pyro's module-local parameters, DESIGN traps 6 and 7), then must
+predict, save and load, give finite metrics, and be distinct from the point estimate where it should be.
+"""
+
+import math
+
+import pyro
+import pytest
+import torch
+
+from pyrolora import BayesianLoraModel, LoraXSConfig, fit, guides, inject_adapters, metrics, predict, priors
+from pyrolora.inference import draw_latents, fit_posterior
+from pyrolora.inference.state import load_state, save_state
+from tests.conftest import tiny_bert, token_batch
+
+#: Options that keep every family to a second or two on the tiny model.
+CHEAP = {
+    "nuts": {"num_chains": 2, "num_samples": 4, "warmup_steps": 2, "max_tree_depth": 2},
+    "swag": {"rank": 4, "frequency": 1},
+    "flow": {"hidden_dim": 40, "num_mc": 200},  # the MADE needs a width >= D = 16
+}
+POINT_MASSES = {"delta"}
+
+
+def _build(prior=None, seed=0):
+    torch.manual_seed(seed)
+    backbone = tiny_bert()
+    adapters = inject_adapters(backbone, LoraXSConfig(rank=2, target_modules=["query", "value"]))
+    return BayesianLoraModel(backbone, adapters, prior=prior, dataset_size=20)
+
+
+def _data():
+    return [
+        (token_batch(seed=i), torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(i))) for i in range(4)
+    ]
+
+
+def test_the_registry_holds_the_zoo():
+    assert {"meanfield", "blockwise", "laplace", "flow", "swag", "nuts"} <= set(guides.available())
+
+
+@pytest.mark.parametrize("name", guides.available())
+def test_plain_fit_trains_every_guide_in_local_mode(name):
+    model, data = _build(), _data()
+    guide = guides.make(name, model, **CHEAP.get(name, {}))
+    guides.check_local(guide)
+    result = fit(model, guide, data, num_steps=3, progress=False, seed=0)
+    assert result.num_steps == 3 and all(math.isfinite(v) for v in result.losses)
+    assert len(pyro.get_param_store()) == 0  # module-local: nothing leaked into the global store
+    trainable = [p for p in guide.parameters() if p.requires_grad]
+    assert trainable, "every family has trainable parameters in its SVI/MAP stage"
+
+
+@pytest.mark.parametrize("name", guides.available())
+def test_every_guide_fits_predicts_saves_and_loads(tmp_path, name):
+    model, data = _build(), _data()
+    guide = guides.make(name, model, **CHEAP.get(name, {}))
+    fit_posterior(model, guide, data, num_steps=6, progress=False, seed=0)
+    assert len(pyro.get_param_store()) == 0
+
+    median = guide.median()
+    quantiles = guide.quantiles([0.05, 0.95])
+    for site in model.site_names:
+        assert median[site].shape == (2, 2) and quantiles[site].shape == (2, 2, 2)
+        assert (quantiles[site][0] <= quantiles[site][1]).all()
+
+    prediction = predict(model, guide, data, num_samples=4, seed=3)
+    assert prediction.probs.shape == (4, 20, 3)
+    labels = torch.cat([t for _, t in data]).numpy()
+    for metric in (metrics.accuracy, metrics.ece, metrics.nll, metrics.brier):
+        assert math.isfinite(metric(prediction.mean.numpy(), labels))
+
+    draws = draw_latents(guide, model, 8)
+    spread = min(v.std(0).max().item() for v in draws.values())
+    if name in POINT_MASSES:
+        assert spread == 0.0
+    else:
+        # A posterior, not a point: every site's draws vary (guides start at scale 0.05, SWAG's iterates move
+        # by about lr = 1e-2 per step, NUTS chains start 0.01 apart), far above float noise.
+        assert spread > 1e-4, spread
+        assert (quantiles[model.site_names[0]][0] < quantiles[model.site_names[0]][1]).any()
+
+    save_state(tmp_path / "state.safetensors", model, guide)
+    fresh = _build()
+    fresh_guide = guides.make(name, fresh, **CHEAP.get(name, {}))
+    load_state(tmp_path / "state.safetensors", fresh, fresh_guide)
+    again = predict(fresh, fresh_guide, data, num_samples=4, seed=3)
+    assert torch.equal(again.probs, prediction.probs)
+
+
+def test_laplace_swag_and_nuts_provide_sample_latents_and_nuts_keeps_its_chains():
+    model, data = _build(), _data()
+    for name in ("laplace", "swag", "nuts"):
+        guide = guides.make(name, model, **CHEAP.get(name, {}))
+        fit_posterior(model, guide, data, num_steps=4, progress=False, seed=0)
+        draws = guide.sample_latents(5)
+        assert set(draws) == set(model.site_names) and all(v.shape == (5, 2, 2) for v in draws.values())
+    assert guide.chains.shape == (2, 4, model.num_latents)
+    per_site = guide.chain_samples()
+    assert all(v.shape == (2, 4, 2, 2) for v in per_site.values())
+    # sample_latents thins the pooled chains deterministically: the first and last stored draws are included.
+    pooled = guide.chains.reshape(-1, model.num_latents)
+    first_site = model.site_names[0]
+    picked = guide.sample_latents(8)[first_site].reshape(8, -1)
+    assert torch.equal(picked[0], pooled[0, :4]) and torch.equal(picked[-1], pooled[-1, :4])
+
+
+def test_swag_collects_on_schedule_and_samples_its_low_rank_gaussian():
+    model, data = _build(), _data()
+    guide = guides.make("swag", model, rank=3, start=4, frequency=2, collect_lr=5e-3, scale=1.0)
+    result = fit_posterior(model, guide, data, num_steps=12, progress=False, seed=0)
+    assert result.num_steps == 12 and guide.num_collected == 4  # steps 5..12, every second one
+    assert result.learning_rates[4:] == [5e-3] * 8  # constant collection learning rate
+    posterior = guide.get_posterior()
+    assert posterior.cov_factor.shape == (model.num_latents, 3)  # the last K = 3 deviations
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        z = guide.draw_unconstrained(20000)
+    # Sample covariance against the stated SWAG covariance: 20000 draws give ~1-2% relative error per entry.
+    expected = posterior.covariance_matrix
+    assert (torch.cov(z.T) - expected).abs().max() / expected.abs().max() < 0.05
+    plain = guides.make("swag", model, start=5)
+    with pytest.raises(Exception, match="leaves no step"):
+        fit_posterior(model, plain, data, num_steps=2, progress=False)
+    with pytest.raises(Exception, match="rank K"):
+        guides.make("swag", model, rank=0)
+
+
+REPRESENTATIVE_PRIORS = {
+    "isotropic": lambda: priors.IsotropicNormal(0.1),
+    "per_module": lambda: {"query": priors.IsotropicNormal(0.05), "value": priors.IsotropicNormal(0.3)},
+    "hierarchical": lambda: priors.Hierarchical(),
+    "hierarchical_per_module": lambda: {"query": priors.Hierarchical(per_module=True)},
+    "student_t": lambda: priors.StudentT(df=3.0, scale=0.1),
+    "laplace": lambda: priors.Laplace(0.1),
+    "callable": lambda: (
+        lambda name, shape: (
+            pyro.distributions.Normal(0.0, 0.2 if "query" in name else 0.1).expand(shape).to_event(len(shape))
+        )
+    ),
+}
+
+
+#: Every prior with the SVI, Laplace and SWAG families; NUTS (the slowest) with the hierarchical priors only.
+PAIRS = [(p, g) for p in sorted(REPRESENTATIVE_PRIORS) for g in ("lowrank", "blockwise", "laplace", "swag")] + [
+    ("hierarchical", "nuts"),
+    ("hierarchical_per_module", "nuts"),
+    ("student_t", "flow"),
+    ("hierarchical", "meanfield"),
+]
+
+
+@pytest.mark.parametrize(("prior_name", "guide_name"), PAIRS)
+def test_priors_by_guides(tmp_path, prior_name, guide_name):
+    model, data = _build(REPRESENTATIVE_PRIORS[prior_name]()), _data()
+    guide = guides.make(guide_name, model, **CHEAP.get(guide_name, {}))
+    result = fit_posterior(model, guide, data, num_steps=4, progress=False, seed=0)
+    assert all(math.isfinite(v) for v in result.losses)
+    median = guide.median()
+    hyper = sorted(set(median) - set(model.site_names))
+    if prior_name == "hierarchical":
+        assert hyper == ["prior_scale"]
+    elif prior_name == "hierarchical_per_module":
+        assert hyper == [f"prior_scale/{s}" for s in model.site_names if s.endswith("query")]
+    else:
+        assert hyper == []
+    assert all((median[h] > 0).all() for h in hyper)  # scales stay on their support
+    prediction = predict(model, guide, data, num_samples=3, seed=1)
+    assert torch.isfinite(prediction.probs).all()
+    save_state(tmp_path / "s.safetensors", model, guide)
+    fresh = _build(REPRESENTATIVE_PRIORS[prior_name]())
+    fresh_guide = guides.make(guide_name, fresh, **CHEAP.get(guide_name, {}))
+    load_state(tmp_path / "s.safetensors", fresh, fresh_guide)
+    assert torch.equal(predict(fresh, fresh_guide, data, num_samples=3, seed=1).probs, prediction.probs)
