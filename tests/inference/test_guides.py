@@ -5,7 +5,7 @@ from pyro.infer.autoguide import AutoDiagonalNormal
 
 from pyrolora import BayesianLoraModel, LoraXSConfig, fit, guides, inject_adapters, predict
 from pyrolora.errors import ConfigError
-from tests.conftest import tiny_bert, token_batch
+from tests.conftest import TINY_MODELS, tiny_bert, token_batch
 
 REQUIRED = {"lowrank", "diagonal", "full", "delta"}
 
@@ -71,3 +71,23 @@ def test_setup_without_data_matches_setup_with_data():
     g2 = guides.make("lowrank", model)
     fit(model, g2, data, num_steps=1, progress=False)
     assert {k: v.shape for k, v in g1.state_dict().items()} == {k: v.shape for k, v in g2.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+@pytest.mark.parametrize("name", ["delta", "meanfield", "lowrank", "swag", "laplace", "nuts"])
+def test_fit_moves_every_site_on_every_architecture(family, name):
+    # Llama's and most decoders' module paths start with `model.`; a guide that keeps its parameters by dotted
+    # site name on itself then hands them to the model's attribute of that name, where fit never trains them.
+    factory, targets, _ = TINY_MODELS[family]
+    backbone = factory()
+    adapters = inject_adapters(backbone, LoraXSConfig(rank=2, target_modules=targets))
+    model = BayesianLoraModel(backbone, adapters, dataset_size=20)
+    data = [(token_batch(seed=i), torch.randint(0, 3, (5,))) for i in range(2)]
+    guide = guides.make(name, model)
+    guides.setup(guide, model)
+    before = {k: v.clone() for k, v in guide.median().items()}
+    fit(model, guide, data, num_steps=3, lr=0.05, progress=False)
+    after = guide.median()
+    assert sum(p.numel() for p in guide.parameters()) >= model.num_latents
+    unmoved = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unmoved, f"{name} on {family} never trained {unmoved}"

@@ -16,14 +16,20 @@ the first call (``fit`` makes it), or after :func:`setup`.
 
 from __future__ import annotations
 
+import contextlib
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.transforms import biject_to
 from pyro.infer import autoguide
 from pyro.infer.autoguide.initialization import init_to_feasible
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn.module import PyroModule, PyroParam
 from torch import nn
 
 from pyrolora.errors import ConfigError
@@ -172,7 +178,49 @@ def full(model: BayesianLoraModel, init_scale: float = DEFAULT_INIT_SCALE) -> au
 
 
 class PointMass(autoguide.AutoDelta):
-    """``AutoDelta`` with the full guide contract: every quantile of a point mass is the point itself."""
+    """``AutoDelta`` with the full guide contract: every quantile of a point mass is the point itself.
+
+    The point of site ``name`` lives at ``guide.points.<name>`` (constrained by the site's support). Pyro's
+    ``AutoDelta`` would set it on the guide itself by the dotted site name, and a site path that starts with
+    ``model.`` (Llama and most decoder models) then resolves through the guide's ``model`` property into the
+    model: the parameters land outside ``guide.parameters()`` and are never trained. Hence the container.
+    """
+
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        autoguide.AutoGuide._setup_prototype(self, *args, **kwargs)  # the trace only; the points are made here
+        self.points = PyroModule()
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            value = site["value"].detach()  # the data plate is entered after the adapter sites: no repeat needed
+            deep_setattr(self.points, name, PyroParam(value, site["fn"].support, site["fn"].event_dim))
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Sample every latent site as a Delta at its point; returns ``{site: value}``."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        result = {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            with contextlib.ExitStack() as stack:
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized:
+                        stack.enter_context(plates[frame.name])
+                point = operator.attrgetter(name)(self.points)
+                result[name] = pyro.sample(name, dist.Delta(point, event_dim=site["fn"].event_dim))
+        return result
+
+    def set_latents(self, values: dict[str, torch.Tensor]) -> None:
+        """Move the point of every site in ``values`` (each of the site's shape, e.g. (r, r)) there."""
+        if self.prototype_trace is None:
+            raise ConfigError("the delta guide has no points yet; call it once (e.g. guides.setup) first.")
+        sites = dict(self.prototype_trace.iter_stochastic_nodes())
+        with torch.no_grad():
+            for name, value in values.items():
+                if name not in sites:
+                    raise ConfigError(f"no latent site named {name!r}; the sites are {sorted(sites)}.")
+                owner_path, _, leaf = name.rpartition(".")
+                owner = operator.attrgetter(owner_path)(self.points) if owner_path else self.points
+                raw = owner._parameters[f"{leaf}_unconstrained"]  # PyroParam keeps the unconstrained tensor here
+                raw.copy_(biject_to(sites[name]["fn"].support).inv(value.to(raw)).reshape(raw.shape))
 
     def quantiles(
         self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any
