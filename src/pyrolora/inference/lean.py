@@ -145,7 +145,7 @@ class LeanELBO:
             )
         if targets.shape[0] != batch:
             raise ValueError(f"{targets.shape[0]} targets for a batch of {batch} inputs")
-        log_lik = model.likelihood.log_prob(out, targets).sum() * (model.dataset_size / batch)
+        log_lik = (model.likelihood.log_prob(out, targets) * (model.dataset_size / batch)).sum()  # as the plate
         return -(log_lik + self._log_prior(values) - log_q)
 
     def differentiable_loss(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -59,7 +60,9 @@ def compiled_outputs(
         raise ConfigError(f"compile options {sorted(options)} were rejected by torch.compile: {err}") from err
 
     def outputs(inputs: Any, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        with model.adapters.use(values):
+        with model.adapters.use(values), warnings.catch_warnings():
+            # dynamo reads ``.grad`` of every tensor it wraps, which warns for the cores (views of θ, not leaves)
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
             raw = compiled(**inputs) if isinstance(inputs, Mapping) else compiled(inputs)
         return model.output_fn(raw)
 
