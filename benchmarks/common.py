@@ -56,6 +56,14 @@ SHAPES = {
             num_key_value_heads=1,
         ),
     ),
+    # 24 layers of width 32: 96 adapted modules and almost no arithmetic, so a step is all per-module overhead
+    "deep-narrow-bert": Shape(
+        "deep-narrow-bert",
+        "bert",
+        ("query", "value"),
+        BERT_XS,
+        dict(vocab_size=128, hidden_size=32, num_hidden_layers=24, num_attention_heads=2, intermediate_size=64),
+    ),
     "minilm": Shape("minilm", "bert", ("query", "value"), BERT_XS, None),
     "roberta-large": Shape(
         "roberta-large",
