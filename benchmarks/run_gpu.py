@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--minilm-path", default=None, help="folder of the pretrained MiniLM (else $PYROLORA_MINILM)")
     p.add_argument("--models", nargs="+", default=None, help="subset of the models to run")
     p.add_argument("--tiny", action="store_true", help="tiny models and sizes (CPU smoke test)")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of train_step's methods (e.g. without peft)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 warmup,
                 "--matmul-tflops",
                 str(rate / 1e12),
+                *(["--methods", *args.methods] if args.methods else []),
                 "--out",
                 str(out / f"train_{model}.json"),
             ]
