@@ -89,6 +89,8 @@ class LoraXSLinear(nn.Module):
         self.register_buffer("B", b)  # (out, r)
         self.value: torch.Tensor | None = None  # (r, r) or (S, r, r), set by AdapterSet.use
         self._merged_delta: torch.Tensor | None = None  # (out, in) added to the base weight by merge()
+        # (dtype, device) -> (A, scaling·B) in that compute dtype, and the buffers they were made from.
+        self._compute_cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -108,24 +110,45 @@ class LoraXSLinear(nn.Module):
         b, a = self.B.to(dtype), self.A.to(dtype)
         return self.scaling * (b @ value.to(dtype) @ a)  # (out, in)
 
+    def compute_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` (r, in) and ``(alpha / r) · B`` (out, r) in ``dtype``, cast once and cached.
+
+        The frozen buffers stay as stored (the saved and exported convention); the forward pass reads these
+        copies, so a step under autocast or in a lower precision does not cast the factors again. The cache
+        follows the buffers: a move (``.to``) or an in-place change of ``A`` or ``B`` rebuilds it.
+        """
+        a, b = self.A, self.B
+        key = (dtype, a.device)
+        hit = self._compute_cache.get(key)
+        if hit is not None and hit[2] is a and hit[3] is b and hit[4] == (a._version, b._version):
+            return hit[0], hit[1]
+        with torch.no_grad():
+            a_c = a.to(dtype).contiguous()  # (r, in)
+            b_c = (self.scaling * b.to(torch.promote_types(b.dtype, torch.float32))).to(dtype).contiguous()  # (out, r)
+        self._compute_cache = {key: (a_c, b_c, a, b, (a._version, b._version))}
+        return a_c, b_c
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)  # (..., out)
         value = self.value
         if value is None or self._merged_delta is not None:
             return out
-        h = F.linear(x, self.A)  # (..., r)
-        core = (self.scaling * value).to(h.dtype)  # (r, r) or (S, r, r); scaling folded into the small matrix
-        if core.dim() == 2:
-            h = F.linear(h, core)  # (..., r): h Rᵀ
-        else:
-            samples = core.shape[0]
-            if h.shape[0] % samples:
-                raise ValueError(
-                    f"{self.site_name!r}: a batch of {h.shape[0]} rows cannot hold {samples} posterior samples; "
-                    "the leading dimension must be samples x batch."
-                )
-            h = torch.bmm(h.reshape(samples, -1, self.rank), core.transpose(1, 2)).reshape(h.shape)
-        return out + F.linear(h, self.B)  # (..., out)
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.A.dtype
+        a, b = self.compute_factors(dtype)  # (r, in), (out, r) with the scaling folded in
+        h = F.linear(x, a)  # (..., r)
+        if value.dim() == 2:
+            # B (s R) A x = (B s R)(A x): the r x r core is folded into B, one small (out, r) product per step.
+            return out + F.linear(h, torch.mm(b, value.to(dtype)))  # (..., out)
+        samples = value.shape[0]
+        if h.shape[0] % samples:
+            raise ValueError(
+                f"{self.site_name!r}: a batch of {h.shape[0]} rows cannot hold {samples} posterior samples; "
+                "the leading dimension must be samples x batch."
+            )
+        b_s = torch.matmul(b, value.to(dtype))  # (S, out, r): each sample's core folded into B
+        update = torch.bmm(h.reshape(samples, -1, self.rank), b_s.transpose(1, 2))  # (S, rows/S, out)
+        return out + update.reshape(*h.shape[:-1], self.out_features)  # (..., out)
 
     @torch.no_grad()
     def merge(self, value: torch.Tensor | None = None) -> None:

@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 from pyrolora.errors import ConfigError, DivergenceError
 from pyrolora.inference.batches import split_batch, to_device
 from pyrolora.inference.guides import check_local
+from pyrolora.inference.lean import LeanELBO, supports
+from pyrolora.inference.precision import Precision, autocast, compiled_outputs
 from pyrolora.models import BayesianLoraModel
 
 __all__ = ["FitResult", "fit", "make_schedule"]
@@ -118,6 +120,9 @@ def fit(
     seed: int | None = None,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    precision: Precision = "float32",
+    compile: bool | dict[str, Any] = False,
+    lean: bool = True,
 ) -> FitResult:
     """Fit ``guide`` (and the model's head) by maximising the ELBO with a torch optimizer.
 
@@ -145,6 +150,14 @@ def fit(
         seed: if given, the run is reproducible and the global RNG state is restored afterwards.
         progress: show a progress bar with the loss per example.
         callback: called as ``callback(step, loss)`` after every step.
+        precision: ``"bf16"`` runs the backbone under bfloat16 autocast (on the GPU's tensor cores, or on the
+            CPU); the guide, the prior and the log-likelihood stay in float32.
+        compile: run the backbone through ``torch.compile`` (``True``, or a dict of its options); needs the
+            lean step.
+        lean: compute the loss with :class:`~pyrolora.inference.lean.LeanELBO` when it equals ``Trace_ELBO``
+            for this model and guide (the built-in guides and models, default ``loss``): one joint draw of θ
+            split into the cores instead of Pyro's per-site tracing. Same values and gradients; ``False``
+            forces Pyro's path.
 
     Returns:
         A :class:`FitResult` with the loss history.
@@ -194,6 +207,21 @@ def fit(
         optimizer = torch.optim.AdamW(groups)
         scheduler = make_schedule(optimizer, schedule, warmup_steps, num_steps)
         params = guide_params + head_params
+        context = autocast(precision, device)
+        compiled = compiled_outputs(model, compile)
+        lean_elbo = None
+        if lean and loss is None and supports(model, guide):
+            lean_elbo = LeanELBO(model, guide, num_particles=num_particles, autocast=context, outputs=compiled)
+        elif compiled is not None:
+            raise ConfigError(
+                "compile needs the lean step: the default loss, lean=True and a built-in guide and model "
+                f"(got guide {type(guide).__name__}, loss {type(loss).__name__ if loss else None})."
+            )
+
+        def pyro_model(*args: Any, **kwargs: Any) -> Any:
+            with context():
+                return model(*args, **kwargs)
+
         bar = scope.enter_context(
             tqdm(total=num_steps, desc="fit", disable=not progress, unit="step", dynamic_ncols=True)
         )
@@ -203,7 +231,10 @@ def fit(
                 inputs, targets = split_batch(to_device(next(stream), device))
             optimizer.zero_grad(set_to_none=True)
             try:
-                value = elbo.differentiable_loss(model, guide, inputs, targets)
+                if lean_elbo is not None and targets is not None:
+                    value = lean_elbo.differentiable_loss(inputs, targets)
+                else:
+                    value = elbo.differentiable_loss(pyro_model, guide, inputs, targets)
             except ValueError as err:
                 if "found invalid values" not in str(err):
                     raise

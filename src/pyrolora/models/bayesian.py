@@ -172,18 +172,24 @@ class BayesianLoraModel(nn.Module):
             raw = self.backbone(**inputs) if isinstance(inputs, Mapping) else self.backbone(inputs)
         return self.output_fn(raw)
 
-    def sample_outputs(self, inputs: Inputs, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def sample_outputs(
+        self,
+        inputs: Inputs,
+        values: Mapping[str, torch.Tensor],
+        outputs: Callable[[Inputs, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Outputs for S posterior samples in one forward pass.
 
         ``values[site]`` has shape (S, r, r); the inputs are tiled S times along the batch dimension
         (sample-major) and each adapter applies its own sample to its slice. Returns shape (S, B, ...).
-        Equal to stacking :meth:`outputs` over the samples, up to floating-point reassociation.
+        Equal to stacking :meth:`outputs` over the samples, up to floating-point reassociation. ``outputs``
+        replaces :meth:`outputs` for the pass (e.g. a compiled version with the same signature).
         """
         samples = {v.shape[0] for v in values.values()}
         if len(samples) != 1:
             raise ValueError(f"every site needs the same number of samples, got {sorted(samples)}")
         (num,) = samples
-        out = self.outputs(_repeat_samples(inputs, num), values)  # (S·B, ...)
+        out = (outputs or self.outputs)(_repeat_samples(inputs, num), values)  # (S·B, ...)
         return out.reshape(num, out.shape[0] // num, *out.shape[1:])
 
     def forward(self, inputs: Inputs | None, targets: torch.Tensor | None = None) -> torch.Tensor | None:
