@@ -63,7 +63,9 @@ def supports(model: nn.Module, guide: nn.Module) -> bool:
         if type(guide).sample_latent is not autoguide.AutoContinuous.sample_latent:
             return False
     elif isinstance(guide, autoguide.AutoDelta):
-        if type(guide).forward is not autoguide.AutoDelta.forward:
+        from pyrolora.inference.guides import PointMass  # lazy: guides imports the modules that import this one
+
+        if type(guide).forward not in (autoguide.AutoDelta.forward, PointMass.forward):
             return False
     else:
         return False
@@ -116,11 +118,12 @@ class LeanELBO:
         """Reads a point mass's value. With unconstrained support the value is the stored parameter itself:
         read it directly instead of through ``PyroModule.__getattr__`` (its constraint machinery costs ~10x)."""
         parent_name, _, leaf = name.rpartition(".")
-        parent = operator.attrgetter(parent_name)(self.guide) if parent_name else self.guide
+        root = getattr(self.guide, "points", self.guide)  # PointMass keeps its points in a container
+        parent = operator.attrgetter(parent_name)(root) if parent_name else root
         param = getattr(parent, "_parameters", {}).get(leaf + "_unconstrained")
         if isinstance(param, nn.Parameter):
             return lambda guide: param
-        return operator.attrgetter(name)
+        return lambda guide: operator.attrgetter(name)(getattr(guide, "points", guide))
 
     def _draw(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | float]:
         """θ ~ q split into the cores, and log q(θ) (0 for a point mass)."""
