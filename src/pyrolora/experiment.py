@@ -6,13 +6,14 @@ This is the one place where every room of the package is composed. A run folder 
     state.safetensors    guide parameters and the task head (no pickle)
     fit.json             loss history and timing
     metrics.json         evaluation results (after evaluate)
+    manifest.json        size and SHA-256 of every file, base-model fingerprint, adapter rank / targets / sites
+                         (written last, checked first: see :mod:`pyrolora.runfolder`)
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,18 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from pyrolora._atomic import atomic_path, write_json
 from pyrolora._version import __version__
 from pyrolora.adapters import inject_adapters
-from pyrolora.backbones import load_sequence_classifier, load_tokenizer
+from pyrolora.backbones import check_tokenizer, input_length_limit, load_sequence_classifier, load_tokenizer
 from pyrolora.config import RunConfig, TaskSpec
 from pyrolora.data import ClassificationSplit, TokenizedLoader, vader_splits
-from pyrolora.errors import ConfigError, RunFolderError
+from pyrolora.errors import ConfigError, RunFolderError, TruncationWarning
 from pyrolora.evaluation import metrics
 from pyrolora.inference import FitResult, Prediction, fit, guides, predict
 from pyrolora.inference.state import load_state, save_state
 from pyrolora.models import BayesianLoraModel, priors
+from pyrolora.runfolder import MANIFEST_FILE, check_model, verify_files, write_manifest
 
 __all__ = ["Evaluation", "Run", "build", "evaluate", "load_run", "load_task", "save_run", "train"]
 
@@ -57,6 +60,7 @@ class Run:
     splits: dict[str, ClassificationSplit]
     fit_result: FitResult | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    max_length: int | None = None  # the token limit in effect: model.max_length, capped at the model's own
 
     def loader(self, split: str | ClassificationSplit, *, shuffle: bool = False) -> TokenizedLoader:
         """Batches of a named split (or of any split of the same task) for training or prediction."""
@@ -66,7 +70,7 @@ class Run:
             data,
             self.tokenizer,
             batch_size=batch,
-            max_length=self.config.model.max_length,
+            max_length=self.max_length or self.config.model.max_length,
             shuffle=shuffle,
             seed=self.config.train.seed,
         )
@@ -78,6 +82,17 @@ def build(config: RunConfig, splits: dict[str, ClassificationSplit] | None = Non
     train_split = splits["train"]
     backbone = load_sequence_classifier(config.model.name, train_split.num_classes, seed=config.train.seed)
     tokenizer = load_tokenizer(config.model.name)
+    check_tokenizer(tokenizer, backbone, repr(config.model.name))
+    max_length = config.model.max_length
+    limit = input_length_limit(backbone, tokenizer)
+    if limit is not None and max_length > limit:
+        warnings.warn(
+            f"model.max_length={max_length} exceeds the {limit} tokens {config.model.name!r} allows; inputs are "
+            f"truncated to {limit}. Set model.max_length <= {limit} to silence this.",
+            TruncationWarning,
+            stacklevel=2,
+        )
+        max_length = limit
     adapters = inject_adapters(backbone, config.adapters)
     model = BayesianLoraModel(
         backbone,
@@ -86,11 +101,27 @@ def build(config: RunConfig, splits: dict[str, ClassificationSplit] | None = Non
         dataset_size=len(train_split),
     )
     guide = guides.make(config.guide.name, model, **config.guide.options)
-    return Run(config=config, model=model, guide=guide, tokenizer=tokenizer, splits=splits)
+    return Run(config=config, model=model, guide=guide, tokenizer=tokenizer, splits=splits, max_length=max_length)
 
 
-def train(config: RunConfig, *, progress: bool = True, splits: dict[str, ClassificationSplit] | None = None) -> Run:
-    """Build a run and fit its guide and head on the ``train`` split."""
+def train(
+    config: RunConfig,
+    *,
+    progress: bool = True,
+    splits: dict[str, ClassificationSplit] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+) -> Run:
+    """Build a run and fit its guide and head on the ``train`` split.
+
+    With ``checkpoint_dir``, the run's ``config.json`` and periodic training checkpoints are written there
+    (see :mod:`pyrolora.inference.checkpoint`); ``resume=True`` continues from the checkpoint in that folder,
+    after checking that ``config`` is the configuration it was started with.
+    """
+    resume_from = _prepare_checkpoints(config, checkpoint_dir, resume) if checkpoint_dir is not None else None
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True needs the checkpoint_dir of the interrupted run.")
     run = build(config, splits)
     t = config.train
     run.fit_result = fit(
@@ -106,8 +137,48 @@ def train(config: RunConfig, *, progress: bool = True, splits: dict[str, Classif
         num_particles=t.num_particles,
         seed=t.seed,
         progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume_from=resume_from,
     )
     return run
+
+
+def _prepare_checkpoints(config: RunConfig, directory: str | Path, resume: bool) -> Path | None:
+    """Check (resume) or write (fresh start) the folder's config.json; the checkpoint to resume from, if any."""
+    from pyrolora.inference.checkpoint import CHECKPOINT_FILE
+
+    directory = Path(directory)
+    checkpoint = directory / CHECKPOINT_FILE
+    if not resume:
+        if checkpoint.exists():
+            raise ConfigError(
+                f"{directory} holds the checkpoint of an unfinished run; continue it with --resume (resume=True), or "
+                "choose another output folder."
+            )
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create the output folder {directory}: {err}") from err
+        _write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **config.to_dict()})
+        return None
+    if not checkpoint.is_file():
+        raise RunFolderError(
+            f"there is no checkpoint to resume in {directory} ({CHECKPOINT_FILE} is missing); start without --resume."
+        )
+    try:
+        saved = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunFolderError(f"cannot read {directory / CONFIG_FILE} of the interrupted run: {err}") from err
+    saved.pop("pyrolora_version", None)
+    if saved != config.to_dict():
+        now = config.to_dict()
+        changed = [f"{s}.{k}" for s in now for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
+        raise ConfigError(
+            f"the configuration differs from the one the interrupted run in {directory} started with (changed: "
+            f"{changed}); resume with the run's own config.json, or start a new run in another folder."
+        )
+    return checkpoint
 
 
 @dataclass
@@ -151,30 +222,18 @@ def evaluate(
 
 def _write_json(path: Path, data: Any) -> None:
     """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, data)
 
 
 def save_run(run: Run, directory: str | Path) -> Path:
     """Save configuration (JSON), posterior and head (safetensors), fit history and metrics into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST_FILE).unlink(missing_ok=True)  # until the new one is written, the folder reads as unsaved
     _write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **run.config.to_dict()})
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{STATE_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(directory / STATE_FILE) as tmp:
         save_state(tmp, run.model, run.guide)
-        os.replace(tmp, directory / STATE_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files = [CONFIG_FILE, STATE_FILE]
     if run.fit_result is not None:
         r = run.fit_result
         _write_json(
@@ -186,27 +245,43 @@ def save_run(run: Run, directory: str | Path) -> Path:
                 "losses": r.losses,
             },
         )
+        files.append(FIT_FILE)
     if run.metrics:
         _write_json(directory / METRICS_FILE, run.metrics)
+        files.append(METRICS_FILE)
+    write_manifest(directory, files, run.model, run.guide, base_model=run.config.model.name)
     return directory
 
 
-def load_run(directory: str | Path) -> Run:
-    """Rebuild a saved run: same backbone, adapters, model and guide, with the saved posterior and head."""
+def load_run(directory: str | Path, *, model_name: str | None = None) -> Run:
+    """Rebuild a saved run: same backbone, adapters, model and guide, with the saved posterior and head.
+
+    Every file is checked against the manifest first (size and SHA-256), and the rebuilt model against the
+    run's base-model fingerprint, adapter rank, target modules and sites. Nothing is unpickled.
+
+    Args:
+        directory: the run folder.
+        model_name: load the base model from here instead of the name in the run's config (e.g. a local copy);
+            its adapted weights must be the ones the run was trained on.
+
+    Raises:
+        RunFolderError: the folder is incomplete, a file is truncated or corrupt, or the model does not match.
+    """
     directory = Path(directory)
+    manifest = verify_files(directory)
     config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise RunFolderError(f"{directory} is not a pyrolora run folder: {CONFIG_FILE} is missing.")
+    if CONFIG_FILE not in manifest["files"] or STATE_FILE not in manifest["files"]:
+        raise RunFolderError(f"{directory} lacks {CONFIG_FILE} or {STATE_FILE}; the run was not saved completely.")
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise RunFolderError(f"cannot read {config_path}: {err}") from err
     config = RunConfig.from_dict(data)
+    if model_name is not None:
+        config = config.replace(model={"name": model_name})
     run = build(config)
-    state_path = directory / STATE_FILE
-    if not state_path.is_file():
-        raise RunFolderError(f"{directory} has no {STATE_FILE}; the run was not saved completely.")
-    load_state(state_path, run.model, run.guide)
+    check_model(manifest, run.model, directory)
+    load_state(directory / STATE_FILE, run.model, run.guide)
     fit_path = directory / FIT_FILE
     if fit_path.is_file():
         fit_data = json.loads(fit_path.read_text(encoding="utf-8"))
