@@ -13,7 +13,6 @@ This is the one place where every room of the package is composed. A run folder 
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from pyrolora.adapters import inject_adapters
 from pyrolora.backbones import check_tokenizer, input_length_limit, load_sequence_classifier, load_tokenizer
 from pyrolora.config import RunConfig, TaskSpec
 from pyrolora.data import ClassificationSplit, TokenizedLoader, vader_splits
-from pyrolora.errors import ConfigError, RunFolderError, TruncationWarning
+from pyrolora.errors import ConfigError, RunFolderError
 from pyrolora.evaluation import metrics
 from pyrolora.inference import FitResult, Prediction, fit, guides, predict
 from pyrolora.inference.state import load_state, save_state
@@ -66,6 +65,7 @@ class Run:
         """Batches of a named split (or of any split of the same task) for training or prediction."""
         data = self.splits[split] if isinstance(split, str) else split
         batch = self.config.train.batch_size if shuffle else self.config.predict.batch_size
+        capped = self.max_length is not None and self.max_length < self.config.model.max_length
         return TokenizedLoader(
             data,
             self.tokenizer,
@@ -73,6 +73,12 @@ class Run:
             max_length=self.max_length or self.config.model.max_length,
             shuffle=shuffle,
             seed=self.config.train.seed,
+            truncation_hint=(
+                f"model.max_length={self.config.model.max_length} is capped at the {self.max_length} tokens the "
+                "model allows; shorten the texts or use a model with longer inputs to keep them whole"
+                if capped
+                else None
+            ),
         )
 
 
@@ -83,16 +89,10 @@ def build(config: RunConfig, splits: dict[str, ClassificationSplit] | None = Non
     backbone = load_sequence_classifier(config.model.name, train_split.num_classes, seed=config.train.seed)
     tokenizer = load_tokenizer(config.model.name)
     check_tokenizer(tokenizer, backbone, repr(config.model.name))
-    max_length = config.model.max_length
+    # Inputs longer than the model's position embeddings would crash its forward pass: cap the token limit
+    # there. The loaders then truncate longer inputs with one warning per split that counts them.
     limit = input_length_limit(backbone, tokenizer)
-    if limit is not None and max_length > limit:
-        warnings.warn(
-            f"model.max_length={max_length} exceeds the {limit} tokens {config.model.name!r} allows; inputs are "
-            f"truncated to {limit}. Set model.max_length <= {limit} to silence this.",
-            TruncationWarning,
-            stacklevel=2,
-        )
-        max_length = limit
+    max_length = min(config.model.max_length, limit) if limit is not None else config.model.max_length
     adapters = inject_adapters(backbone, config.adapters)
     model = BayesianLoraModel(
         backbone,

@@ -108,6 +108,7 @@ class TokenizedLoader:
             per loader that says how many were.
         shuffle: reshuffle every pass.
         seed: seed of the shuffling.
+        truncation_hint: what the truncation warning suggests; default: raise ``max_length``.
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class TokenizedLoader:
         max_length: int = 128,
         shuffle: bool = False,
         seed: int = 0,
+        truncation_hint: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be positive, got {batch_size}.")
@@ -128,13 +130,14 @@ class TokenizedLoader:
         self._generator = torch.Generator().manual_seed(seed)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise DataError(f"max_length must be a positive number of tokens, got {max_length!r}.")
-        encoded = self._encode(tokenizer, split, max_length)
+        hint = truncation_hint or "raise model.max_length (up to the model's limit) to keep them whole"
+        encoded = self._encode(tokenizer, split, max_length, hint)
         self._features = {k: [torch.tensor(v) for v in vs] for k, vs in encoded.items()}
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.targets = torch.as_tensor(split.labels, dtype=torch.long)
 
     @staticmethod
-    def _encode(tokenizer, split: ClassificationSplit, max_length: int) -> dict:
+    def _encode(tokenizer, split: ClassificationSplit, max_length: int, hint: str) -> dict:
         """Tokenize once with one token of headroom: a row that uses it was longer than ``max_length``."""
         texts = list(split.texts)
         pairs = list(split.text_pairs) if split.text_pairs is not None else None
@@ -150,7 +153,7 @@ class TokenizedLoader:
         if longer:
             warnings.warn(
                 f"{longer} of {len(texts)} examples are longer than max_length={max_length} tokens and were "
-                "truncated; raise model.max_length (up to the model's limit) to keep them whole.",
+                f"truncated; {hint}.",
                 TruncationWarning,
                 stacklevel=3,
             )
