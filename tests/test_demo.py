@@ -40,7 +40,7 @@ def test_demo_writes_table_metrics_and_plot(demo_out):
         assert -1 <= row["spearman_human_disagreement"] <= 1
     for folder in ("map", "blora"):
         names = {p.name for p in (out / folder).iterdir()}
-        assert names == {"config.json", "state.safetensors", "fit.json", "metrics.json"}
+        assert names == {"config.json", "state.safetensors", "fit.json", "metrics.json", "manifest.json"}
 
 
 def test_saved_runs_reload_to_identical_predictions(demo_out):

@@ -369,7 +369,8 @@ class Checkpointer:
         if isinstance(exc, DivergenceError) and self.last is not None:
             path, step = self.last
             raise DivergenceError(
-                f"{exc} The last good checkpoint, {path} (step {step}), is intact: resume from it (resume_from=..., "
-                "or `pyrolora train --resume`) with a lower learning rate."
+                f"{exc} The last good checkpoint, {path} (step {step}), is intact: resume_from (or `pyrolora train "
+                "--resume`) continues from it, e.g. after removing bad examples; a lower lr or clip_norm needs a new "
+                "run (a resumed run keeps its settings)."
             ) from exc
         return False
