@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pyrolora import BayesianLoraModel, LoraXSConfig, fit, guides, inject_adapters
+from pyrolora import BayesianLoraModel, LoraXSConfig, fit, guides, inject_adapters, likelihoods
 from pyrolora.data import ClassificationSplit, TokenizedLoader
-from pyrolora.errors import DivergenceError, RunFolderError
+from pyrolora.errors import DataError, DivergenceError, RunFolderError
 from pyrolora.inference.checkpoint import CHECKPOINT_FILE, read_checkpoint, write_checkpoint
 from tests.conftest import tiny_bert
 
@@ -125,41 +125,56 @@ def test_corrupt_and_truncated_checkpoints_are_refused(tmp_path):
         read_checkpoint(path)
 
 
+def _regression():
+    """A 4-batch regression through one adapter whose 3rd batch holds NaN inputs: step 3 diverges."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    adapters = inject_adapters(net, LoraXSConfig(rank=2, target_modules=["0"]))
+    model = BayesianLoraModel(net, adapters, dataset_size=64, likelihood=likelihoods.Gaussian(0.1), head=())
+    x, y = torch.randn(64, 3), torch.randn(64)
+    x[32:48] = math.nan
+    return model, [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+
+
 def test_divergence_leaves_the_last_good_checkpoint_intact(tmp_path):
-    model = _model()
-    guide = guides.make("diagonal", model)
-    data = _data("list")
-    poisoned = [*data, ({"input_ids": data[0][0]["input_ids"]}, torch.full((8,), 7))]  # label 7 of 2 classes
+    model, data = _regression()
     with pytest.raises(DivergenceError) as info:
         fit(
             model,
-            guide,
-            poisoned,
-            num_steps=NUM_STEPS,
+            guides.make("diagonal", model),
+            data,
+            num_steps=8,
             seed=0,
             progress=False,
             checkpoint_dir=tmp_path,
             checkpoint_every=2,
         )
     message = str(info.value)
-    # the bad batch is the 5th: steps 1-4 ran, so the checkpoint after step 4 is the last good one
-    assert "step 5 of 20" in message and "step 4" in message and "is intact" in message and "resume" in message
+    # steps 1-2 ran, the NaN batch is step 3: the checkpoint after step 2 is the last good one, and is named
+    assert "step 3 of 8" in message and "(step 2), is intact" in message and "resume_from" in message
     before = (tmp_path / CHECKPOINT_FILE).read_bytes()
-    assert read_checkpoint(tmp_path / CHECKPOINT_FILE)["step"] == 4
-    fresh = _model()
-    fresh_guide = guides.make("diagonal", fresh)
+    assert read_checkpoint(tmp_path / CHECKPOINT_FILE)["step"] == 2
+    fresh, data = _regression()
     with pytest.raises(DivergenceError):  # resuming into the same bad batch diverges again ...
         fit(
             fresh,
-            fresh_guide,
-            poisoned,
-            num_steps=NUM_STEPS,
+            guides.make("diagonal", fresh),
+            data,
+            num_steps=8,
             seed=0,
             progress=False,
             checkpoint_dir=tmp_path,
             resume_from=tmp_path,
         )
     assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before  # ... and still leaves the checkpoint untouched
+
+
+def test_labels_outside_the_classes_are_a_data_error_not_a_divergence():
+    model = _model()
+    data = _data("list")
+    poisoned = [*data[:2], (data[2][0], torch.full_like(data[2][1], 7))]  # label 7 of 2 classes
+    with pytest.raises(DataError, match="batch at step 3 lie outside the likelihood's support"):
+        fit(model, guides.make("delta", model), poisoned, num_steps=4, progress=False)
 
 
 def test_resume_refuses_a_different_model_guide_or_schedule(tmp_path):

@@ -16,7 +16,7 @@ from pyro.infer import ELBO, Trace_ELBO
 from torch import nn
 from tqdm.auto import tqdm
 
-from pyrolora.errors import ConfigError, DivergenceError
+from pyrolora.errors import ConfigError, DataError, DivergenceError
 from pyrolora.inference.batches import split_batch, to_device
 from pyrolora.inference.checkpoint import BatchStream, Checkpointer
 from pyrolora.inference.guides import check_local
@@ -209,6 +209,12 @@ def fit(
             except ValueError as err:
                 if "found invalid values" not in str(err):
                     raise
+                if "within the support" in str(err):  # observed values the likelihood cannot produce: bad data
+                    raise DataError(
+                        f"the targets of the batch at step {step + 1} lie outside the likelihood's support (e.g. a "
+                        "class index >= the number of classes, or < 0); check the labels and the label map. "
+                        f"Pyro said: {str(err).splitlines()[0][:300]}"
+                    ) from err
                 # Pyro's validation rejects a distribution built from NaN or infinite outputs: a divergence.
                 raise DivergenceError(
                     f"the model produced non-finite outputs at step {step + 1} of {num_steps}; lower lr (now "
