@@ -7,6 +7,7 @@ Example counts are modest (CI has two cores) and runs are derandomized, so CI is
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -225,8 +226,6 @@ def tokenizer():
 def test_tokenized_loader_takes_any_text_or_fails_with_data_error(tokenizer, texts, max_length):
     try:
         split = ClassificationSplit(texts=tuple(texts), labels=np.zeros(len(texts), np.int64), label_names=("a", "b"))
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=Warning)
             loader = TokenizedLoader(split, tokenizer, batch_size=2, max_length=max(max_length, 2))
