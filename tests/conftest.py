@@ -134,3 +134,35 @@ def data_dir() -> Path:
             f"real datasets not found at {path} (set PYROLORA_DATA); the tests on real GLUE/QA data did not run"
         )
     return path
+
+
+def save_tiny_model(folder: Path, seed: int = 0, max_positions: int = 32) -> Path:
+    """A 2-layer BERT (hidden 16) with the real all-MiniLM-L6-v2 tokenizer, saved as a loadable model folder.
+
+    It loads through ``pyrolora.backbones`` like any hub model, so configs, the CLI and run folders can be
+    exercised end to end in seconds.
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from pyrolora.backbones import DEFAULT_MODEL, load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=max_positions,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny BERT model folder with a real tokenizer (see :func:`save_tiny_model`)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))

@@ -1,8 +1,9 @@
 """End to end on the real all-MiniLM-L6-v2 weights and the real VADER task, at reduced size.
 
 The full demo trains several epochs per method; here each method trains half an epoch (83 steps), which
-is enough for the head and adapters to beat the majority-class rate by more than 10 points, and every artefact the demo writes is
-checked. The saved runs are then loaded back and must predict identically, and the CLI is run once.
+is enough for the head and adapters to beat the majority-class rate by more than 10 points, and every
+artefact the demo writes is checked. The saved runs are then loaded back and must predict identically,
+and the CLI is run once.
 """
 
 import json
@@ -39,7 +40,7 @@ def test_demo_writes_table_metrics_and_plot(demo_out):
         assert -1 <= row["spearman_human_disagreement"] <= 1
     for folder in ("map", "blora"):
         names = {p.name for p in (out / folder).iterdir()}
-        assert names == {"config.json", "state.safetensors", "fit.json", "metrics.json"}
+        assert names == {"config.json", "state.safetensors", "fit.json", "metrics.json", "manifest.json"}
 
 
 def test_saved_runs_reload_to_identical_predictions(demo_out):

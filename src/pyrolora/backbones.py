@@ -20,6 +20,8 @@ from pyrolora.errors import ConfigError
 
 __all__ = [
     "DEFAULT_MODEL",
+    "check_tokenizer",
+    "input_length_limit",
     "load_sequence_classifier",
     "load_tokenizer",
     "resolve_model",
@@ -105,3 +107,41 @@ def weights_fingerprint(module: nn.Module, names: list[str]) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def check_tokenizer(tokenizer, model: nn.Module, name: str = "the model") -> None:
+    """Refuse a tokenizer whose token ids the model cannot embed (a tokenizer of a different model).
+
+    Raises:
+        ConfigError: when the tokenizer has more tokens than the model's input embedding has rows.
+    """
+    embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return  # not a transformers model with a token embedding: nothing to compare
+    size = len(tokenizer)
+    if size > rows:
+        raise ConfigError(
+            f"the tokenizer of {name} has {size} tokens, but the model's input embedding has only {rows} rows: "
+            "tokenizer and weights belong to different models. Give a folder (or hub id) whose tokenizer files "
+            "and weights match."
+        )
+
+
+def input_length_limit(model: nn.Module, tokenizer=None) -> int | None:
+    """The longest input (in tokens) the model's position embeddings and the tokenizer allow, if known.
+
+    RoBERTa-style models offset positions by ``pad_token_id + 1``, so they allow that many fewer tokens than
+    ``max_position_embeddings``.
+    """
+    config = getattr(model, "config", None)
+    limits = []
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        if "roberta" in str(getattr(config, "model_type", "")) or "camembert" in str(getattr(config, "model_type", "")):
+            positions -= (getattr(config, "pad_token_id", None) or 0) + 1
+        limits.append(positions)
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:  # "no limit" is a huge sentinel
+        limits.append(tokenizer_limit)
+    return min(limits) if limits else None

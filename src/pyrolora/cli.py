@@ -38,16 +38,31 @@ def demo(
 def train_cmd(
     config: Annotated[Path, typer.Option("--config", help="Run configuration (.toml or .json).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last checkpoint.")
+    ] = False,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", min=1, help="Optimizer steps between checkpoints in --out.")
+    ] = 100,
 ) -> None:
-    """Train a run from a configuration file, evaluate it on the test split and save it."""
+    """Train a run from a configuration file, evaluate it on the test split and save it.
+
+    Training writes a checkpoint into --out every --checkpoint-every steps; after a crash or kill, the same
+    command with --resume continues from it to the result an uninterrupted run gives. The checkpoint is removed
+    once the run folder is completely saved.
+    """
     from pyrolora.config import load_config
     from pyrolora.experiment import evaluate, save_run, train
+    from pyrolora.inference.checkpoint import CHECKPOINT_FILE
 
     try:
-        run = train(load_config(config), log_dir=out)
+        run = train(
+            load_config(config), log_dir=out, checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume
+        )
         evaluation = evaluate(run, "test", progress=True)
         run.metrics = {"test": evaluation.metrics}
         save_run(run, out)
+        (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     except PyroloraError as err:
         _fail(err)
     typer.echo(json.dumps(evaluation.metrics, indent=2))

@@ -55,7 +55,11 @@ __all__ = [
 
 
 def _check_number(value: Any, where: str, *, positive: bool = False, minimum: float | None = None) -> None:
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer beyond float range: no setting is meant to be that large
+        finite = False
+    if not finite:
         raise ConfigError(f"{where} must be finite, got {value!r}.")
     if positive and value <= 0:
         raise ConfigError(f"{where} must be positive, got {value!r}.")
@@ -130,6 +134,8 @@ class TrainSpec:
         for name in ("epochs", "batch_size", "lr", "head_lr", "clip_norm", "num_particles"):
             _check_number(getattr(self, name), f"train.{name}", positive=True)
         _check_number(self.warmup, "train.warmup", minimum=0.0)
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"train.seed must be an integer in [0, 2**63), got {self.seed!r}.")
 
 
 @dataclass(frozen=True)
@@ -214,7 +220,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} must be a number, got {value!r}.")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where} must be a finite number, got an integer of {len(str(value))} digits.") from None
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {value!r}.")
@@ -298,8 +307,8 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}; give a UTF-8 .toml or .json file.") from err
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:

@@ -15,6 +15,7 @@ __all__ = [
     "PyroloraError",
     "RunFolderError",
     "TargetError",
+    "TruncationWarning",
 ]
 
 
@@ -40,3 +41,7 @@ class DivergenceError(PyroloraError, FloatingPointError):
 
 class RunFolderError(PyroloraError, OSError):
     """A saved run folder is missing, incomplete, corrupt or does not match the model it is loaded into."""
+
+
+class TruncationWarning(UserWarning):
+    """Inputs longer than the token limit were truncated (issued once per dataset, with the count)."""

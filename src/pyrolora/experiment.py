@@ -6,13 +6,13 @@ This is the one place where every room of the package is composed. A run folder 
     state.safetensors    guide parameters and the task head (no pickle)
     fit.json             loss history and timing
     metrics.json         evaluation results (after evaluate)
+    manifest.json        size and SHA-256 of every file, base-model fingerprint, adapter rank / targets / sites
+                         (written last, checked first: see :mod:`pyrolora.runfolder`)
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from pyrolora._atomic import atomic_path, write_json
 from pyrolora._version import __version__
 from pyrolora.adapters import inject_adapters
-from pyrolora.backbones import load_sequence_classifier, load_tokenizer
+from pyrolora.backbones import check_tokenizer, input_length_limit, load_sequence_classifier, load_tokenizer
 from pyrolora.config import RunConfig, TaskSpec
 from pyrolora.data import ClassificationSplit, TokenizedLoader, vader_splits
 from pyrolora.errors import ConfigError, RunFolderError
@@ -31,6 +32,7 @@ from pyrolora.inference import FitResult, Prediction, guides, predict
 from pyrolora.inference.posterior import fit_posterior
 from pyrolora.inference.state import load_state, save_state
 from pyrolora.models import BayesianLoraModel, priors
+from pyrolora.runfolder import MANIFEST_FILE, check_model, verify_files, write_manifest
 
 __all__ = ["Evaluation", "Run", "build", "evaluate", "load_run", "load_task", "save_run", "train"]
 
@@ -58,18 +60,26 @@ class Run:
     splits: dict[str, ClassificationSplit]
     fit_result: FitResult | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    max_length: int | None = None  # the token limit in effect: model.max_length, capped at the model's own
 
     def loader(self, split: str | ClassificationSplit, *, shuffle: bool = False) -> TokenizedLoader:
         """Batches of a named split (or of any split of the same task) for training or prediction."""
         data = self.splits[split] if isinstance(split, str) else split
         batch = self.config.train.batch_size if shuffle else self.config.predict.batch_size
+        capped = self.max_length is not None and self.max_length < self.config.model.max_length
         return TokenizedLoader(
             data,
             self.tokenizer,
             batch_size=batch,
-            max_length=self.config.model.max_length,
+            max_length=self.max_length or self.config.model.max_length,
             shuffle=shuffle,
             seed=self.config.train.seed,
+            truncation_hint=(
+                f"model.max_length={self.config.model.max_length} is capped at the {self.max_length} tokens the "
+                "model allows; shorten the texts or use a model with longer inputs to keep them whole"
+                if capped
+                else None
+            ),
         )
 
 
@@ -79,6 +89,11 @@ def build(config: RunConfig, splits: dict[str, ClassificationSplit] | None = Non
     train_split = splits["train"]
     backbone = load_sequence_classifier(config.model.name, train_split.num_classes, seed=config.train.seed)
     tokenizer = load_tokenizer(config.model.name)
+    check_tokenizer(tokenizer, backbone, repr(config.model.name))
+    # Inputs longer than the model's position embeddings would crash its forward pass: cap the token limit
+    # there. The loaders then truncate longer inputs with one warning per split that counts them.
+    limit = input_length_limit(backbone, tokenizer)
+    max_length = min(config.model.max_length, limit) if limit is not None else config.model.max_length
     adapters = inject_adapters(backbone, config.adapters)
     model = BayesianLoraModel(
         backbone,
@@ -87,7 +102,7 @@ def build(config: RunConfig, splits: dict[str, ClassificationSplit] | None = Non
         dataset_size=len(train_split),
     )
     guide = guides.make(config.guide.name, model, **config.guide.options)
-    return Run(config=config, model=model, guide=guide, tokenizer=tokenizer, splits=splits)
+    return Run(config=config, model=model, guide=guide, tokenizer=tokenizer, splits=splits, max_length=max_length)
 
 
 def _training_logger(run: Run, log_dir: str | Path | None) -> Any:
@@ -142,8 +157,19 @@ def train(
     progress: bool = True,
     splits: dict[str, ClassificationSplit] | None = None,
     log_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> Run:
-    """Build a run and fit its guide and head on the ``train`` split."""
+    """Build a run and fit its guide and head on the ``train`` split.
+
+    With ``checkpoint_dir``, the run's ``config.json`` and periodic training checkpoints are written there
+    (see :mod:`pyrolora.inference.checkpoint`); ``resume=True`` continues from the checkpoint in that folder,
+    after checking that ``config`` is the configuration it was started with.
+    """
+    resume_from = _prepare_checkpoints(config, checkpoint_dir, resume) if checkpoint_dir is not None else None
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True needs the checkpoint_dir of the interrupted run.")
     run = build(config, splits)
     t = config.train
     logger = _training_logger(run, log_dir)
@@ -161,10 +187,50 @@ def train(
         seed=t.seed,
         progress=progress,
         callback=logger,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume_from=resume_from,
     )
     if logger is not None:
         logger.close()
     return run
+
+
+def _prepare_checkpoints(config: RunConfig, directory: str | Path, resume: bool) -> Path | None:
+    """Check (resume) or write (fresh start) the folder's config.json; the checkpoint to resume from, if any."""
+    from pyrolora.inference.checkpoint import CHECKPOINT_FILE
+
+    directory = Path(directory)
+    checkpoint = directory / CHECKPOINT_FILE
+    if not resume:
+        if checkpoint.exists():
+            raise ConfigError(
+                f"{directory} holds the checkpoint of an unfinished run; continue it with --resume (resume=True), or "
+                "choose another output folder."
+            )
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create the output folder {directory}: {err}") from err
+        _write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **config.to_dict()})
+        return None
+    if not checkpoint.is_file():
+        raise RunFolderError(
+            f"there is no checkpoint to resume in {directory} ({CHECKPOINT_FILE} is missing); start without --resume."
+        )
+    try:
+        saved = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunFolderError(f"cannot read {directory / CONFIG_FILE} of the interrupted run: {err}") from err
+    saved.pop("pyrolora_version", None)
+    if saved != config.to_dict():
+        now = config.to_dict()
+        changed = [f"{s}.{k}" for s in now for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
+        raise ConfigError(
+            f"the configuration differs from the one the interrupted run in {directory} started with (changed: "
+            f"{changed}); resume with the run's own config.json, or start a new run in another folder."
+        )
+    return checkpoint
 
 
 @dataclass
@@ -208,30 +274,18 @@ def evaluate(
 
 def _write_json(path: Path, data: Any) -> None:
     """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, data)
 
 
 def save_run(run: Run, directory: str | Path) -> Path:
     """Save configuration (JSON), posterior and head (safetensors), fit history and metrics into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST_FILE).unlink(missing_ok=True)  # until the new one is written, the folder reads as unsaved
     _write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **run.config.to_dict()})
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{STATE_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(directory / STATE_FILE) as tmp:
         save_state(tmp, run.model, run.guide)
-        os.replace(tmp, directory / STATE_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files = [CONFIG_FILE, STATE_FILE]
     if run.fit_result is not None:
         r = run.fit_result
         _write_json(
@@ -243,27 +297,43 @@ def save_run(run: Run, directory: str | Path) -> Path:
                 "losses": r.losses,
             },
         )
+        files.append(FIT_FILE)
     if run.metrics:
         _write_json(directory / METRICS_FILE, run.metrics)
+        files.append(METRICS_FILE)
+    write_manifest(directory, files, run.model, run.guide, base_model=run.config.model.name)
     return directory
 
 
-def load_run(directory: str | Path) -> Run:
-    """Rebuild a saved run: same backbone, adapters, model and guide, with the saved posterior and head."""
+def load_run(directory: str | Path, *, model_name: str | None = None) -> Run:
+    """Rebuild a saved run: same backbone, adapters, model and guide, with the saved posterior and head.
+
+    Every file is checked against the manifest first (size and SHA-256), and the rebuilt model against the
+    run's base-model fingerprint, adapter rank, target modules and sites. Nothing is unpickled.
+
+    Args:
+        directory: the run folder.
+        model_name: load the base model from here instead of the name in the run's config (e.g. a local copy);
+            its adapted weights must be the ones the run was trained on.
+
+    Raises:
+        RunFolderError: the folder is incomplete, a file is truncated or corrupt, or the model does not match.
+    """
     directory = Path(directory)
+    manifest = verify_files(directory)
     config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise RunFolderError(f"{directory} is not a pyrolora run folder: {CONFIG_FILE} is missing.")
+    if CONFIG_FILE not in manifest["files"] or STATE_FILE not in manifest["files"]:
+        raise RunFolderError(f"{directory} lacks {CONFIG_FILE} or {STATE_FILE}; the run was not saved completely.")
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise RunFolderError(f"cannot read {config_path}: {err}") from err
     config = RunConfig.from_dict(data)
+    if model_name is not None:
+        config = config.replace(model={"name": model_name})
     run = build(config)
-    state_path = directory / STATE_FILE
-    if not state_path.is_file():
-        raise RunFolderError(f"{directory} has no {STATE_FILE}; the run was not saved completely.")
-    load_state(state_path, run.model, run.guide)
+    check_model(manifest, run.model, directory)
+    load_state(directory / STATE_FILE, run.model, run.guide)
     fit_path = directory / FIT_FILE
     if fit_path.is_file():
         fit_data = json.loads(fit_path.read_text(encoding="utf-8"))

@@ -53,7 +53,11 @@ class LoraXSConfig:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}; the paper uses 2 to 25.")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
             raise ConfigError(f"alpha must be a number, got {self.alpha!r}.")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
+        try:
+            finite = math.isfinite(self.alpha)
+        except OverflowError:  # an integer beyond float range
+            finite = False
+        if not finite or self.alpha <= 0:
             raise ConfigError(f"alpha must be a positive finite number, got {self.alpha!r}; the paper uses 16.")
         object.__setattr__(self, "alpha", float(self.alpha))
         targets = self.target_modules

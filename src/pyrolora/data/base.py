@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from pyrolora.errors import DataError
+from pyrolora.errors import DataError, TruncationWarning
 
 __all__ = ["ClassificationSplit", "TokenizedLoader", "split_indices"]
 
@@ -37,6 +38,15 @@ class ClassificationSplit:
         n = len(self.texts)
         if n == 0:
             raise DataError("a data split has no examples.")
+        for name, seq in (("text", self.texts), ("second text", self.text_pairs or ())):
+            bad = next((i for i, t in enumerate(seq) if not isinstance(t, str)), None)
+            if bad is not None:
+                raise DataError(f"example {bad}: the {name} must be a string, got {seq[bad]!r}.")
+        if not isinstance(self.labels, np.ndarray) or self.labels.dtype.kind not in "iu":
+            raise DataError(
+                f"labels must be a NumPy array of integer class indices, got {type(self.labels).__name__} of "
+                f"{getattr(self.labels, 'dtype', '?')}; map label names to indices first."
+            )
         if self.labels.shape != (n,):
             raise DataError(f"{n} texts but labels of shape {self.labels.shape}.")
         c = len(self.label_names)
@@ -48,6 +58,8 @@ class ClassificationSplit:
             raise DataError(f"{n} texts but {len(self.text_pairs)} second texts.")
         if self.human_probs is not None and self.human_probs.shape != (n, c):
             raise DataError(f"human_probs must have shape ({n}, {c}), got {self.human_probs.shape}.")
+        if self.human_probs is not None and not (np.isfinite(self.human_probs).all() and (self.human_probs >= 0).all()):
+            raise DataError("human_probs must be finite and non-negative (a distribution over the classes per row).")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -92,9 +104,11 @@ class TokenizedLoader:
         split: the examples.
         tokenizer: a Hugging Face tokenizer.
         batch_size: examples per batch (the last batch may be smaller).
-        max_length: token limit per example; longer inputs are truncated.
+        max_length: token limit per example; longer inputs are truncated, with one :class:`TruncationWarning`
+            per loader that says how many were.
         shuffle: reshuffle every pass.
         seed: seed of the shuffling.
+        truncation_hint: what the truncation warning suggests; default: raise ``max_length``.
     """
 
     def __init__(
@@ -106,6 +120,7 @@ class TokenizedLoader:
         max_length: int = 128,
         shuffle: bool = False,
         seed: int = 0,
+        truncation_hint: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be positive, got {batch_size}.")
@@ -113,18 +128,47 @@ class TokenizedLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self._generator = torch.Generator().manual_seed(seed)
-        encoded = tokenizer(
-            list(split.texts),
-            list(split.text_pairs) if split.text_pairs is not None else None,
-            truncation=True,
-            max_length=max_length,
-        )
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise DataError(f"max_length must be a positive number of tokens, got {max_length!r}.")
+        hint = truncation_hint or "raise model.max_length (up to the model's limit) to keep them whole"
+        encoded = self._encode(tokenizer, split, max_length, hint)
         self._features = {k: [torch.tensor(v) for v in vs] for k, vs in encoded.items()}
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.targets = torch.as_tensor(split.labels, dtype=torch.long)
 
+    @staticmethod
+    def _encode(tokenizer, split: ClassificationSplit, max_length: int, hint: str) -> dict:
+        """Tokenize once with one token of headroom: a row that uses it was longer than ``max_length``."""
+        texts = list(split.texts)
+        pairs = list(split.text_pairs) if split.text_pairs is not None else None
+        try:
+            encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length + 1)
+            longer = sum(len(row) > max_length for row in encoded["input_ids"])
+            if longer:
+                encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        except (TypeError, ValueError) as err:
+            raise DataError(
+                f"the tokenizer rejected the texts of this split ({err}); every text must be a string."
+            ) from err
+        if longer:
+            warnings.warn(
+                f"{longer} of {len(texts)} examples are longer than max_length={max_length} tokens and were "
+                f"truncated; {hint}.",
+                TruncationWarning,
+                stacklevel=3,
+            )
+        return encoded
+
     def __len__(self) -> int:
         return -(-len(self.split) // self.batch_size)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The shuffling generator's state: with it, the next pass yields the same batches again."""
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._generator.set_state(state["generator"])
 
     def _collate(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         inputs = {}

@@ -59,20 +59,30 @@ def load_vader(path: str | Path | None = None, neutral_margin: float = 0.0) -> C
     ratings: dict[str, list[int]] = {}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise DataError(f"cannot read the VADER lexicon at {path}: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(
+            f"cannot read the VADER lexicon at {path}: {err}; give a readable UTF-8 text file in VADER's format."
+        ) from err
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         parts = line.split("\t")
         if len(parts) != 4:
             raise DataError(f"{path}:{number}: expected 4 tab-separated fields, got {len(parts)}: {line[:80]!r}")
+        if not parts[0].strip():
+            raise DataError(f"{path}:{number}: the entry (first field) is empty: {line[:80]!r}")
         try:
             values = json.loads(parts[3])
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise DataError(f"{path}:{number}: the ratings {parts[3][:60]!r} are not a list: {err}") from err
-        if not isinstance(values, list) or not values or not all(isinstance(v, int) for v in values):
-            raise DataError(f"{path}:{number}: ratings must be a non-empty list of integers, got {parts[3][:60]!r}")
+        if (
+            not isinstance(values, list)
+            or not values
+            or not all(isinstance(v, int) and not isinstance(v, bool) and -4 <= v <= 4 for v in values)
+        ):
+            raise DataError(
+                f"{path}:{number}: ratings must be a non-empty list of integers from -4 to 4, got {parts[3][:60]!r}"
+            )
         ratings.setdefault(parts[0], []).extend(values)
     if not ratings:
         raise DataError(f"the VADER lexicon at {path} has no entries.")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import pyro
@@ -15,8 +16,9 @@ from pyro.infer import ELBO, Trace_ELBO
 from torch import nn
 from tqdm.auto import tqdm
 
-from pyrolora.errors import ConfigError, DivergenceError
+from pyrolora.errors import ConfigError, DataError, DivergenceError
 from pyrolora.inference.batches import split_batch, to_device
+from pyrolora.inference.checkpoint import BatchStream, Checkpointer
 from pyrolora.inference.guides import check_local
 from pyrolora.inference.lean import LeanELBO, supports
 from pyrolora.inference.precision import Precision, autocast, compiled_outputs
@@ -77,24 +79,6 @@ def make_schedule(
     raise ConfigError(f"schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}.")
 
 
-def _cycle(data: Iterable[Any], total: int) -> Iterator[Any]:
-    taken = 0
-    while taken < total:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-            taken += 1
-            if taken >= total:
-                return
-        if empty:
-            raise ConfigError("the training data yielded no batches; check the dataset and the batch size.")
-        if iter(data) is data:
-            raise ConfigError(
-                "the training data is a one-shot iterator and ran out; pass a re-iterable (a list or DataLoader)."
-            )
-
-
 def _num_batches(data: Iterable[Any]) -> int | None:
     try:
         return len(data)  # type: ignore[arg-type]
@@ -123,6 +107,9 @@ def fit(
     precision: Precision = "float32",
     compile: bool | dict[str, Any] = False,
     lean: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume_from: str | Path | None = None,
 ) -> FitResult:
     """Fit ``guide`` (and the model's head) by maximising the ELBO with a torch optimizer.
 
@@ -159,11 +146,19 @@ def fit(
             split into the cores instead of Pyro's per-site tracing. Same values and gradients; ``False``
             forces Pyro's path.
 
+        checkpoint_dir: if given, write ``checkpoint.safetensors`` there (atomically) every ``checkpoint_every``
+            steps and after the last: guide, head, optimizer, scheduler, RNG states and data position
+            (see :mod:`pyrolora.inference.checkpoint`).
+        checkpoint_every: steps between checkpoints (default 100).
+        resume_from: a checkpoint file (or its folder) of an interrupted fit with the same model, guide, data
+            and settings; the fit continues from it and ends where the uninterrupted fit would have.
+
     Returns:
         A :class:`FitResult` with the loss history.
 
     Raises:
-        DivergenceError: when the loss or a gradient is not finite; the message names the step.
+        DivergenceError: when the loss or a gradient is not finite; the message names the step (and the
+            last good checkpoint, which is left intact).
     """
     if (num_epochs is None) == (num_steps is None):
         raise ConfigError("give exactly one of num_epochs and num_steps.")
@@ -187,14 +182,16 @@ def fit(
 
     check_local(guide)
     result = FitResult(dataset_size=model.dataset_size)
+    checkpoints = Checkpointer(checkpoint_dir, checkpoint_every)
     with contextlib.ExitStack() as scope:
+        scope.push(checkpoints.on_exit)
         scope.enter_context(pyro.settings.context(module_local_params=True))
         if seed is not None:
             scope.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
             torch.manual_seed(seed)
         scope.callback(model.eval)
         model.train()
-        stream = _cycle(data, num_steps)
+        stream = BatchStream(data, num_steps)
         batch = next(stream)
         inputs, targets = split_batch(to_device(batch, device))
         if getattr(guide, "prototype_trace", True) is None:
@@ -226,7 +223,13 @@ def fit(
             tqdm(total=num_steps, desc="fit", disable=not progress, unit="step", dynamic_ncols=True)
         )
         start = time.perf_counter()
-        for step in range(num_steps):
+        parts = dict(model=model, guide=guide, optimizer=optimizer, scheduler=scheduler, stream=stream, result=result)
+        first_step = 0
+        if resume_from is not None:
+            first_step, seconds = checkpoints.resume(resume_from, num_steps, **parts)
+            start -= seconds
+            bar.update(first_step)
+        for step in range(first_step, num_steps):
             if step:
                 inputs, targets = split_batch(to_device(next(stream), device))
             optimizer.zero_grad(set_to_none=True)
@@ -238,6 +241,12 @@ def fit(
             except ValueError as err:
                 if "found invalid values" not in str(err):
                     raise
+                if "within the support" in str(err):  # observed values the likelihood cannot produce: bad data
+                    raise DataError(
+                        f"the targets of the batch at step {step + 1} lie outside the likelihood's support (e.g. a "
+                        "class index >= the number of classes, or < 0); check the labels and the label map. "
+                        f"Pyro said: {str(err).splitlines()[0][:300]}"
+                    ) from err
                 # Pyro's validation rejects a distribution built from NaN or infinite outputs: a divergence.
                 raise DivergenceError(
                     f"the model produced non-finite outputs at step {step + 1} of {num_steps}; lower lr (now "
@@ -263,6 +272,7 @@ def fit(
             loss_value = value.item()
             result.losses.append(loss_value)
             result.num_steps = step + 1
+            checkpoints.maybe_save(step + 1, num_steps, **parts)
             bar.update(1)
             if step % 10 == 0 or step == num_steps - 1:
                 bar.set_postfix(loss=f"{loss_value / model.dataset_size:.4f}")
