@@ -185,9 +185,24 @@ def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, warmup
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """Floating-point operations of ``fn()`` (matrix products and attention), by torch's FLOP counter."""
+    from unittest import mock
+
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def expanded_heads(q, k, v, *args, enable_gqa=False, **kwargs):
+        # torch's counter rejects grouped-query attention (fewer key/value heads than query heads, as in Llama);
+        # repeating the key/value heads gives the same FLOPs as the fused kernel spends on it.
+        if k.shape[-3] != q.shape[-3]:
+            repeat = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+        return original(q, k, v, *args, **kwargs)
+
+    with (
+        mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", expanded_heads),
+        FlopCounterMode(display=False) as counter,
+    ):
         fn()
     return int(counter.get_total_flops())
 
