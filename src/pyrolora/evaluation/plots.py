@@ -90,8 +90,9 @@ def accuracy_coverage_plot(reports: Mapping[str, Mapping], path: str | Path, tit
     for ax, name in zip(axes[0], names, strict=True):
         curves = reports[name]["curves"]
         coverage = np.asarray(curves["coverage"])
-        for score, row in reports[name]["scores"].items():
-            ax.plot(coverage, curves[score], label=f"{score} (AURC {row['aurc']:.3f})")
+        styles = ["-", "--", ":", "-.", (0, (5, 1))]  # scores that rank alike draw on top of each other
+        for i, (score, row) in enumerate(reports[name]["scores"].items()):
+            ax.plot(coverage, curves[score], linestyle=styles[i % 5], label=f"{score} (AURC {row['aurc']:.3f})")
         ax.set(xlim=(0, 1), xlabel="coverage (share of examples answered)", title=name)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=7)
