@@ -73,11 +73,34 @@ def train_cmd(
 def evaluate_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pyrolora train`.")],
     split: Annotated[str, typer.Option(help="Split of the run's task to evaluate.")] = "test",
+    ood: Annotated[
+        Path | None,
+        typer.Option(
+            "--ood",
+            help="Shifted data for OOD detection: .txt (one text a line), .tsv (header column 'sentence' or "
+            "'text') or .jsonl; implies --uncertainty.",
+        ),
+    ] = None,
+    ood_column: Annotated[int | None, typer.Option(help="0-based text column of an --ood TSV without header.")] = None,
+    ood_limit: Annotated[int | None, typer.Option(help="Seeded random subset of at most this many OOD texts.")] = None,
+    uncertainty: Annotated[
+        bool,
+        typer.Option(
+            "--uncertainty",
+            help="Also report the uncertainty decomposition, selective prediction (AURC), OOD detection "
+            "(AUROC, AUPR) and agreement with raters; stores uncertainty.json and accuracy_coverage.png in RUN_DIR.",
+        ),
+    ] = False,
 ) -> None:
     """Load a saved run and evaluate it on one split of its task."""
     from pyrolora.experiment import evaluate, load_run
 
     try:
+        ood_texts = None
+        if ood is not None:
+            from pyrolora.data.texts import load_texts
+
+            ood_texts = load_texts(ood, column=ood_column, limit=ood_limit)  # fail on a bad file before predicting
         run = load_run(run_dir)
         if split not in run.splits:
             raise typer.BadParameter(f"unknown split {split!r}; the task has {sorted(run.splits)}")
@@ -85,6 +108,32 @@ def evaluate_cmd(
     except PyroloraError as err:
         _fail(err)
     typer.echo(json.dumps(evaluation.metrics, indent=2))
+    if uncertainty or ood_texts is not None:
+        _report_uncertainty(run, run_dir, split, evaluation, ood, ood_texts, ood_column=ood_column, ood_limit=ood_limit)
+
+
+def _report_uncertainty(run, run_dir, split, evaluation, ood, ood_texts, **ood_options) -> None:
+    """The uncertainty part of `evaluate`: predict on the OOD texts, compute, print and store the report."""
+    from pyrolora.data.texts import unlabelled_split
+    from pyrolora.evaluation.uncertainty import format_uncertainty_table
+    from pyrolora.uncertainty import evaluate_uncertainty, run_probs, save_uncertainty
+
+    try:
+        ood_split = None
+        if ood_texts is not None:
+            ood_split = unlabelled_split(ood_texts[0], run.splits[split].label_names, ood_texts[1])
+        report = evaluate_uncertainty(
+            run_probs(run, progress=True), run.splits[split], ood_split, probs=evaluation.prediction.probs
+        )
+        method = f"{run_dir.name} ({run.config.guide.name})"
+        info = {"method": method, "split": split, "ood": None if ood is None else str(ood), **ood_options}
+        json_path, plot_path = save_uncertainty(report, run_dir, title=method, info=info)
+    except PyroloraError as err:
+        _fail(err)
+    parts = report["decomposition"]
+    typer.echo("\nmean uncertainty (nats): " + json.dumps(parts))
+    typer.echo(format_uncertainty_table({method: report}))
+    typer.echo(f"saved {json_path} and {plot_path}")
 
 
 @app.command("export")

@@ -9,7 +9,7 @@ import numpy as np
 
 from pyrolora.evaluation.metrics import ArrayLike, ece, reliability
 
-__all__ = ["reliability_diagram"]
+__all__ = ["accuracy_coverage_plot", "reliability_diagram"]
 
 
 def reliability_diagram(
@@ -62,6 +62,41 @@ def reliability_diagram(
         top.legend(loc="upper left", fontsize=8)
         bottom.bar(centers, count / max(count.sum(), 1), width=width, color="tab:gray", edgecolor="black")
         bottom.set(xlim=(0, 1), xlabel="confidence (top-class probability)", ylabel="share of examples")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def accuracy_coverage_plot(reports: Mapping[str, Mapping], path: str | Path, title: str = "") -> Path:
+    """Accuracy-coverage curves of every uncertainty score, one panel per method, saved as an image.
+
+    Args:
+        reports: method name -> report of :func:`pyrolora.evaluation.uncertainty.uncertainty_report` (its
+            ``curves`` and ``scores`` entries are used; the legend shows each score's AURC).
+        path: output file (PNG, SVG or PDF by suffix).
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = list(reports)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.8 * len(names), 4.0), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], names, strict=True):
+        curves = reports[name]["curves"]
+        coverage = np.asarray(curves["coverage"])
+        styles = ["-", "--", ":", "-.", (0, (5, 1))]  # scores that rank alike draw on top of each other
+        for i, (score, row) in enumerate(reports[name]["scores"].items()):
+            ax.plot(coverage, curves[score], linestyle=styles[i % 5], label=f"{score} (AURC {row['aurc']:.3f})")
+        ax.set(xlim=(0, 1), xlabel="coverage (share of examples answered)", title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=7)
+    axes[0, 0].set_ylabel("accuracy on the answered examples")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
