@@ -43,6 +43,8 @@ def train_cmd(
     from pyrolora.config import load_config
     from pyrolora.experiment import evaluate, save_run, train
 
+    if _train_other_method(config, out):  # baselines (MC dropout, ensemble, peft LoRA) go through the runner
+        return
     try:
         run = train(load_config(config))
         evaluation = evaluate(run, "test", progress=True)
@@ -52,6 +54,24 @@ def train_cmd(
         _fail(err)
     typer.echo(json.dumps(evaluation.metrics, indent=2))
     typer.echo(f"saved to {out}")
+
+
+def _train_other_method(config: Path, out: Path) -> bool:
+    """Run a non-``bayesian`` method of ``[method]`` with :func:`pyrolora.runner.run_method`; False otherwise."""
+    from pyrolora.config import load_config
+
+    try:
+        parsed = load_config(config)
+        if parsed.method.name == "bayesian":
+            return False
+        from pyrolora.runner import run_method
+
+        result = run_method(parsed, out=out)
+    except PyroloraError as err:
+        _fail(err)
+    typer.echo(json.dumps(result, indent=2))
+    typer.echo(f"saved to {out}")
+    return True
 
 
 @app.command("evaluate")

@@ -26,7 +26,7 @@ from pyrolora.evaluation import metrics
 from pyrolora.experiment import Run, _write_json, build, load_task, save_run
 from pyrolora.inference import fit, predict
 
-__all__ = ["classification_metrics", "run_method"]
+__all__ = ["classification_metrics", "fit_and_predict", "run_method"]
 
 
 def classification_metrics(probs: torch.Tensor | np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, float]:
@@ -79,68 +79,35 @@ def _bayesian_counts(run: Run) -> tuple[int, int]:
     return trainable, stored
 
 
-def run_method(
+def fit_and_predict(
     config: RunConfig,
+    splits: dict[str, Any],
     *,
-    splits: dict[str, Any] | None = None,
-    out: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    also_mc_dropout: bool = False,
+    out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train ``config.method`` on the task and evaluate it; optionally save into the run folder ``out``.
+    """Train one model of ``config`` (a guide by SVI, or peft LoRA) and predict every evaluation split.
 
-    Returns:
-        ``{"method", "task", "seed", "metrics": {split: {...}}, "train_seconds", "predict_seconds",
-        "trainable_params", "stored_params"}``.
+    Returns ``{"probs": {split: (N, C)}, "train_seconds", "predict_seconds", "trainable_params",
+    "stored_params"}``, plus ``"mc_dropout_probs"`` and ``"mc_dropout_predict_seconds"`` when
+    ``also_mc_dropout`` (the same trained model predicted with dropout on: MC dropout costs no extra training).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    splits = splits if splits is not None else load_task(config.task)
     names = _eval_names(splits)
-    method = config.method.name
-    n_bins = config.predict.n_bins
     probs: dict[str, torch.Tensor] = {}
-    predict_seconds = 0.0
-    if method in ("bayesian", "mc_dropout"):
-        run = _fit_bayesian(config, splits, device, progress)
-        assert run.fit_result is not None
-        train_seconds = run.fit_result.seconds
-        for name in names:
-            start = time.perf_counter()
-            probs[name] = _predict_run(run, name, dropout=method == "mc_dropout")
-            predict_seconds += time.perf_counter() - start
-        trainable, stored = _bayesian_counts(run)
-        if out is not None:
-            run.metrics = {n: classification_metrics(probs[n], splits[n].labels, n_bins) for n in names}
-            save_run(run, out)
-    elif method == "ensemble":
-        train_seconds, trainable, stored = 0.0, 0, 0
-        sums = {n: torch.zeros(len(splits[n]), splits[n].num_classes) for n in names}
-        for member in range(config.method.ensemble_size):
-            member_config = config.replace(train={"seed": config.train.seed + member}, method={"name": "bayesian"})
-            run = _fit_bayesian(member_config, splits, device, progress)
-            assert run.fit_result is not None
-            train_seconds += run.fit_result.seconds
-            for name in names:
-                start = time.perf_counter()
-                sums[name] += _predict_run(run, name)
-                predict_seconds += time.perf_counter() - start
-            t, s = _bayesian_counts(run)
-            trainable, stored = trainable + t, stored + s
-            if out is not None:
-                save_run(run, Path(out) / f"member-{member}")
-            del run
-        probs = {n: v / config.method.ensemble_size for n, v in sums.items()}
-    elif method == "peft_lora":
+    result: dict[str, Any] = {"predict_seconds": 0.0}
+    if config.method.name == "peft_lora":
         run = build(config.replace(guide={"name": "delta"}), splits)  # the backbone, tokenizer and loaders
         backbone = run.model.backbone
         for site, layer in run.model.adapters.items():  # take the LoRA-XS layers out again: plain backbone
             parent, _, child = site.rpartition(".")
             setattr(backbone.get_submodule(parent) if parent else backbone, child, layer.base)
-        m = config.method
+        m, t = config.method, config.train
         lora, head = inject_peft_lora(backbone, m.lora_rank, m.lora_alpha, m.lora_targets, m.lora_dropout)
         backbone.to(device)
-        t = config.train
-        _, train_seconds = train_peft_lora(
+        _, result["train_seconds"] = train_peft_lora(
             backbone,
             lora,
             head,
@@ -157,30 +124,78 @@ def run_method(
         for name in names:
             start = time.perf_counter()
             probs[name] = predict_point(backbone, run.loader(name))
-            predict_seconds += time.perf_counter() - start
-        trainable = stored = count_numel(lora) + count_numel(head)
+            result["predict_seconds"] += time.perf_counter() - start
+        result["trainable_params"] = result["stored_params"] = count_numel(lora) + count_numel(head)
         if out is not None:
             from safetensors.torch import save_file
 
             Path(out).mkdir(parents=True, exist_ok=True)
             state = {n: p.detach().cpu().contiguous() for n, p in backbone.named_parameters() if p.requires_grad}
             save_file(state, str(Path(out) / "peft_lora.safetensors"))
-    else:  # MethodSpec validates the name; this is a bug guard
-        raise AssertionError(f"unhandled method {method!r}")
+            _write_json(Path(out) / "config.json", config.to_dict())
+        result["probs"] = probs
+        return result
+    run = _fit_bayesian(config, splits, device, progress)
+    assert run.fit_result is not None
+    result["train_seconds"] = run.fit_result.seconds
+    dropout_only = config.method.name == "mc_dropout"
+    for name in names:
+        start = time.perf_counter()
+        probs[name] = _predict_run(run, name, dropout=dropout_only)
+        result["predict_seconds"] += time.perf_counter() - start
+    if also_mc_dropout and not dropout_only:
+        start = time.perf_counter()
+        result["mc_dropout_probs"] = {name: _predict_run(run, name, dropout=True) for name in names}
+        result["mc_dropout_predict_seconds"] = time.perf_counter() - start
+    result["trainable_params"], result["stored_params"] = _bayesian_counts(run)
+    if out is not None:
+        n_bins = config.predict.n_bins
+        run.metrics = {n: classification_metrics(probs[n], splits[n].labels, n_bins) for n in names}
+        save_run(run, out)
+    result["probs"] = probs
+    return result
+
+
+def run_method(
+    config: RunConfig,
+    *,
+    splits: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``config.method`` on the task and evaluate it; optionally save into the run folder ``out``.
+
+    Returns:
+        ``{"method", "guide", "task", "seed", "metrics": {split: {...}}, "train_seconds", "predict_seconds",
+        "trainable_params", "stored_params"}``.
+    """
+    splits = splits if splits is not None else load_task(config.task)
+    names = _eval_names(splits)
+    n_bins = config.predict.n_bins
+    if config.method.name == "ensemble":
+        members = []
+        for member in range(config.method.ensemble_size):
+            member_config = config.replace(train={"seed": config.train.seed + member}, method={"name": "bayesian"})
+            member_out = None if out is None else Path(out) / f"member-{member}"
+            members.append(fit_and_predict(member_config, splits, device=device, progress=progress, out=member_out))
+        done = {
+            "probs": {n: torch.stack([m["probs"][n] for m in members]).mean(0) for n in names},
+            **{k: sum(m[k] for m in members) for k in members[0] if k != "probs"},
+        }
+        if out is not None:
+            _write_json(Path(out) / "config.json", config.to_dict())
+    else:
+        done = fit_and_predict(config, splits, device=device, progress=progress, out=out)
     result = {
-        "method": method,
+        "method": config.method.name,
         "guide": config.guide.name,
         "task": config.task.name,
         "seed": config.train.seed,
-        "metrics": {n: classification_metrics(probs[n], splits[n].labels, n_bins) for n in names},
-        "train_seconds": train_seconds,
-        "predict_seconds": predict_seconds,
-        "trainable_params": trainable,
-        "stored_params": stored,
+        "metrics": {n: classification_metrics(done["probs"][n], splits[n].labels, n_bins) for n in names},
+        **{k: done[k] for k in ("train_seconds", "predict_seconds", "trainable_params", "stored_params")},
     }
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        if method in ("ensemble", "peft_lora"):  # save_run wrote it for the others
-            _write_json(Path(out) / "config.json", config.to_dict())
         _write_json(Path(out) / "result.json", result)
     return result
