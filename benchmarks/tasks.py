@@ -83,14 +83,15 @@ def task_config(task: str, size: str, models: dict[str, str]) -> dict[str, Any]:
             "predict": {"num_samples": 15, "batch_size": 16},
             "method": {"ensemble_size": 5, "lora_rank": 8, "lora_targets": ["q_proj", "v_proj"], "lora_lr": 1e-3},
         }
-    rows = {"sst2": 4000, "rte": None, "cola": 4000} if size == "full" else {"sst2": 400, "rte": 400, "cola": 400}
+    full = size == "full"
+    rows = {"sst2": 4000, "rte": None, "cola": 4000} if full else {"sst2": 160, "rte": 160, "cola": 160}
     return {
-        "model": {"name": models["minilm"], "max_length": 128 if task == "rte" else 64},
-        "task": {"name": task, "max_train": rows[task], "max_eval": None if size == "full" else 200},
+        "model": {"name": models["minilm"], "max_length": (128 if task == "rte" else 64) if full else 32},
+        "task": {"name": task, "max_train": rows[task], "max_eval": None if full else 100},
         "adapters": {"rank": 8, "target_modules": ["query", "value", "output.dense"]},
         "prior": {"scale": 0.1},
-        "train": {"epochs": 20 if size == "full" else 4, "batch_size": 32, "lr": 1e-2, "head_lr": 3e-3},
-        "predict": {"num_samples": 15, "batch_size": 128},
+        "train": {"epochs": 20 if full else 3, "batch_size": 32 if full else 16, "lr": 1e-2, "head_lr": 3e-3},
+        "predict": {"num_samples": 15 if full else 8, "batch_size": 128},
         "method": {"ensemble_size": 5, "lora_rank": 8, "lora_targets": ["query", "value"], "lora_lr": 1e-3},
     }
 
