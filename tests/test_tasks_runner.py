@@ -113,3 +113,41 @@ def test_benchmark_grid_runs_end_to_end_at_tiny_size(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert table.count("\n") == 2 + len(rows) and " ± " in table  # header, separator, one line per row
     assert json.loads((tmp_path / "results.json").read_text())["size"] == "tiny"
+
+
+@pytest.mark.slow
+def test_cli_trains_multiple_choice_and_evaluates_on_another_task(tmp_path, data_dir):
+    models = benchmark_module().prepare_models("tiny", tmp_path / "models", None, None, [])
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    for name, n in (("train", 30), ("dev", 6)):
+        records = [
+            {
+                "question": {
+                    "stem": f"which is {i}?",
+                    "choices": [{"text": str(i + k), "label": "ABCD"[k]} for k in range(4)],
+                },
+                "answerKey": "ABCD"[i % 4],
+            }
+            for i in range(n)
+        ]
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    config = tmp_path / "qa.toml"
+    config.write_text(
+        f'[model]\nname = "{models["llama"]}"\nmax_length = 48\n'
+        f'[task]\nname = "mcqa"\npath = "{folder}"\nmax_eval = 20\n'
+        '[adapters]\nrank = 2\ntarget_modules = ["q_proj", "v_proj"]\n'
+        '[guide]\nname = "lowrank"\n[train]\nepochs = 1\nbatch_size = 8\n[predict]\nnum_samples = 2\nbatch_size = 8\n',
+        encoding="utf-8",
+    )
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["test"]["num_examples"] == 6
+    shifted = runner.invoke(app, ["evaluate", str(out), "--task", "arc_easy"], env={"PYROLORA_DATA": str(data_dir)})
+    assert shifted.exit_code == 0, shifted.output
+    metrics = json.loads(shifted.output[shifted.output.index("{") :])
+    assert metrics["num_examples"] == 20 and 0 <= metrics["accuracy"] <= 1  # max_eval of the run's config
+    wrong = runner.invoke(app, ["evaluate", str(out), "--task", "sst2"], env={"PYROLORA_DATA": str(data_dir)})
+    assert wrong.exit_code == 2 and "different kind of task" in wrong.output

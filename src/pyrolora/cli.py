@@ -78,18 +78,37 @@ def _train_other_method(config: Path, out: Path) -> bool:
 def evaluate_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pyrolora train`.")],
     split: Annotated[str, typer.Option(help="Split of the run's task to evaluate.")] = "test",
+    task: Annotated[
+        str | None, typer.Option(help="Evaluate on this other task's splits (distribution shift), e.g. openbookqa.")
+    ] = None,
 ) -> None:
-    """Load a saved run and evaluate it on one split of its task."""
+    """Load a saved run and evaluate it on one split of its task (or of another task with --task)."""
     from pyrolora.experiment import evaluate, load_run
 
     try:
         run = load_run(run_dir)
+        if task is not None:
+            _use_other_task(run, task)
         if split not in run.splits:
             raise typer.BadParameter(f"unknown split {split!r}; the task has {sorted(run.splits)}")
         evaluation = evaluate(run, split, progress=True)
     except PyroloraError as err:
         _fail(err)
     typer.echo(json.dumps(evaluation.metrics, indent=2))
+
+
+def _use_other_task(run, task: str) -> None:
+    """Swap a loaded run's splits for those of another task with the same kind of output (distribution shift)."""
+    from pyrolora.errors import ConfigError
+    from pyrolora.experiment import load_task
+
+    spec = run.config.replace(task={"name": task, "path": None, "hub_config": None}).task
+    if spec.multiple_choice != run.config.task.multiple_choice:
+        raise ConfigError(f"the run was trained on {run.config.task.name!r}; {task!r} is a different kind of task.")
+    splits = load_task(spec)
+    if splits["test"].num_classes != run.splits["train"].num_classes and not spec.multiple_choice:
+        raise ConfigError(f"{task!r} has {splits['test'].num_classes} classes, the run's head has a different number.")
+    run.splits = splits
 
 
 if __name__ == "__main__":
