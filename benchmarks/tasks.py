@@ -207,8 +207,16 @@ def make_jobs(args: argparse.Namespace, models: dict[str, str]) -> list[dict[str
                 {"task": task, "kind": kind, "seed": seed, "config": config, "mc_dropout": with_mc,
                  "device": args.device, "threads": args.threads, "autocast": args.autocast}
             )  # fmt: skip
-    # seed-major order: if the deadline stops the run early, every method still has its first seeds
-    return sorted(jobs, key=lambda j: (j["seed"], args.tasks.index(j["task"])))
+
+    # round-major order, so that a run cut short by --deadline still has every method's first seeds: round r
+    # holds seed r of every method and the MAP runs that complete ensemble r (MAP seeds r .. r + size - 1)
+    def round_of(job: dict[str, Any]) -> int:
+        if job["kind"] != "delta":
+            return job["seed"]
+        size = job["config"]["method"]["ensemble_size"] if "ensemble" in args.methods else 1
+        return max(0, job["seed"] - size + 1)
+
+    return sorted(jobs, key=lambda j: (round_of(j), args.tasks.index(j["task"]), j["seed"]))
 
 
 def interval(values: list[float]) -> tuple[float, float]:
