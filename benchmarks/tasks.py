@@ -170,9 +170,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     splits = load_task(config.task)
     start = time.perf_counter()
     device = job["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    # bf16 autocast on the GPU (as in the prototype); the likelihood computes its logits in float32
-    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=job["autocast"]):
-        out = fit_and_predict(config, splits, device=device, progress=False, also_mc_dropout=job["mc_dropout"])
+    # bf16 autocast of the backbone on the GPU (as in the prototype); guide, ELBO and likelihood stay in float32
+    out = fit_and_predict(
+        config,
+        splits,
+        device=device,
+        progress=False,
+        also_mc_dropout=job["mc_dropout"],
+        autocast=torch.bfloat16 if job["autocast"] else None,
+    )
     result = {k: v for k, v in job.items() if k != "config"}
     result.update({k: v for k, v in out.items() if not k.endswith("probs")})
     result["probs"] = {k: v.numpy().tolist() for k, v in out["probs"].items()}

@@ -45,9 +45,18 @@ def _eval_names(splits: dict[str, Any]) -> list[str]:
     return [n for n in splits if n not in ("train", "validation")]
 
 
-def _fit_bayesian(config: RunConfig, splits: dict[str, Any], device: torch.device, progress: bool) -> Run:
+def autocast_backbone(backbone: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Run the backbone's forward (only it) under ``torch.autocast(dtype)``; guide and ELBO stay in float32."""
+    if dtype is not None:
+        backbone.forward = torch.autocast(device.type, dtype=dtype)(backbone.forward)
+
+
+def _fit_bayesian(
+    config: RunConfig, splits: dict[str, Any], device: torch.device, progress: bool, autocast: torch.dtype | None = None
+) -> Run:
     run = build(config, splits)
     run.model.to(device)
+    autocast_backbone(run.model.backbone, device, autocast)
     t = config.train
     run.fit_result = fit(
         run.model,
@@ -87,12 +96,14 @@ def fit_and_predict(
     progress: bool = True,
     also_mc_dropout: bool = False,
     out: str | Path | None = None,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Train one model of ``config`` (a guide by SVI, or peft LoRA) and predict every evaluation split.
 
     Returns ``{"probs": {split: (N, C)}, "train_seconds", "predict_seconds", "trainable_params",
     "stored_params"}``, plus ``"mc_dropout_probs"`` and ``"mc_dropout_predict_seconds"`` when
     ``also_mc_dropout`` (the same trained model predicted with dropout on: MC dropout costs no extra training).
+    ``autocast`` (e.g. ``torch.bfloat16``) runs the backbone's forward in mixed precision.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = _eval_names(splits)
@@ -107,6 +118,7 @@ def fit_and_predict(
         m, t = config.method, config.train
         lora, head = inject_peft_lora(backbone, m.lora_rank, m.lora_alpha, m.lora_targets, m.lora_dropout)
         backbone.to(device)
+        autocast_backbone(backbone, device, autocast)
         _, result["train_seconds"] = train_peft_lora(
             backbone,
             lora,
@@ -135,7 +147,7 @@ def fit_and_predict(
             _write_json(Path(out) / "config.json", config.to_dict())
         result["probs"] = probs
         return result
-    run = _fit_bayesian(config, splits, device, progress)
+    run = _fit_bayesian(config, splits, device, progress, autocast)
     assert run.fit_result is not None
     result["train_seconds"] = run.fit_result.seconds
     dropout_only = config.method.name == "mc_dropout"
