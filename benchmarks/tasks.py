@@ -1,0 +1,444 @@
+"""Real tasks, every method, several seeds: one table with 95% confidence intervals.
+
+Methods (same runner, data pipeline, metrics; see ``pyrolora.runner``):
+
+    lora        standard LoRA through peft (rank 8 on query/value), maximum likelihood
+    lora_xs     LoRA-XS MAP: the ``delta`` guide under the same prior as B-LoRA-XS
+    mc_dropout  the LoRA-XS MAP models above, predicted with dropout on (S masks); costs no extra training
+    ensemble    deep ensemble of 5 LoRA-XS MAP models (ensemble j averages the MAP runs with seeds j..j+4)
+    blora_xs    B-LoRA-XS: SVI with the low-rank-plus-diagonal guide (K = 2), BMA over S = 15 samples
+    <guide>     any other registered guide name (e.g. ``swag`` once it is registered) as a Bayesian method
+
+Tasks: ``sst2``, ``rte``, ``cola`` (all-MiniLM-L6-v2) and ``arc_easy`` / ``arc_challenge`` / ``openbookqa``
+(SmolLM2-135M scoring options by mean token log-likelihood). ``--size full`` is the GPU setting: MiniLM on a
+2,000-row SST-2 subset for 10 epochs (the long-training regime where MAP gets overconfident), all of RTE, CoLA
+on 2,000 rows; SmolLM2 on 500 ARC-Easy questions for 3 epochs, evaluated on all 570 dev questions. ``--size
+tiny`` builds tiny random models (seconds per job, for the test); ``--size small`` is a CPU-sized real run.
+Jobs run in parallel processes (``--workers``), seed-major, and none starts after ``--deadline`` seconds; each
+finished job is appended to ``jobs.jsonl``; ``results.json`` and ``table.md`` are written at the end.
+
+Confidence intervals: with two or more seeds, mean ± t(0.975, n-1)·sd/√n over seeds; with one seed, a
+percentile bootstrap over test examples (1,000 resamples).
+
+Example (GPU)::
+
+    PYROLORA_DATA=/path/to/shared/data python benchmarks/tasks.py --size full --seeds 3 --workers 8 \\
+        --minilm /path/to/minilm --smollm2 /path/to/SmolLM2-135M-Instruct.Q4_1.gguf --out benchmarks/results/tasks
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
+
+METHOD_LABELS = {
+    "lora": "LoRA (peft, r=8)",
+    "lora_xs": "LoRA-XS MAP (delta)",
+    "mc_dropout": "MC dropout (on LoRA-XS MAP)",
+    "ensemble": "deep ensemble (LoRA-XS MAP)",
+    "blora_xs": "B-LoRA-XS (lowrank K=2)",
+}
+ENCODER_TASKS = ("sst2", "rte", "cola")
+QA_TASKS = ("arc_easy", "arc_challenge", "openbookqa")
+METRICS = ("accuracy", "ece", "nll", "brier", "mcc")
+
+
+def task_config(task: str, size: str, models: dict[str, str]) -> dict[str, Any]:
+    """The run configuration (as nested dicts) of ``task`` at ``size``; seed and guide are set per job."""
+    qa = task in QA_TASKS
+    if size == "tiny":
+        adapters = {"rank": 4, "target_modules": ["q_proj", "v_proj"] if qa else ["query", "value", "output.dense"]}
+        return {
+            "model": {"name": models["llama" if qa else "bert"], "max_length": 48 if qa else 32},
+            "task": {"name": task, "max_train": 40, "max_eval": 24, "validation_fraction": 0.2},
+            "adapters": adapters,
+            "prior": {"scale": 0.1},
+            "train": {"epochs": 1, "batch_size": 8, "lr": 1e-2, "head_lr": 3e-3},
+            "predict": {"num_samples": 3, "batch_size": 8},
+            "method": {"ensemble_size": 2, "lora_rank": 4, "lora_targets": ["q_proj", "v_proj"] if qa else ["query"]},
+        }
+    if qa:
+        return {
+            "model": {"name": models["smollm2"], "max_length": 96},
+            "task": {
+                "name": task,
+                "max_train": 500 if size == "full" else 60,
+                "max_eval": None if size == "full" else 60,
+            },
+            "adapters": {"rank": 8, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+            "prior": {"scale": 0.1},
+            "train": {"epochs": 3 if size == "full" else 1, "batch_size": 8, "lr": 1e-2, "head_lr": 1e-2},
+            "predict": {"num_samples": 15, "batch_size": 16},
+            "method": {"ensemble_size": 5, "lora_rank": 8, "lora_targets": ["q_proj", "v_proj"], "lora_lr": 1e-3},
+        }
+    full = size == "full"
+    rows = {"sst2": 2000, "rte": None, "cola": 2000} if full else {"sst2": 160, "rte": 160, "cola": 160}
+    return {
+        "model": {"name": models["minilm"], "max_length": (128 if task == "rte" else 64) if full else 32},
+        "task": {"name": task, "max_train": rows[task], "max_eval": None if full else 100},
+        "adapters": {"rank": 8, "target_modules": ["query", "value", "output.dense"]},
+        "prior": {"scale": 0.1},
+        "train": {"epochs": 10 if full else 3, "batch_size": 32 if full else 16, "lr": 1e-2, "head_lr": 3e-3},
+        "predict": {"num_samples": 15 if full else 8, "batch_size": 128},
+        "method": {"ensemble_size": 5, "lora_rank": 8, "lora_targets": ["query", "value"], "lora_lr": 1e-3},
+    }
+
+
+def prepare_models(size: str, folder: Path, minilm: str | None, smollm2: str | None, tasks: list[str]) -> dict:
+    """Local float32 model folders for the jobs: converted once here so that every worker loads them quickly.
+
+    A float16 MiniLM copy would otherwise load (and train) in float16, because transformers 5 keeps the stored
+    dtype; a GGUF file would be de-quantized again by every worker.
+    """
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    models: dict[str, str] = {}
+    if size == "tiny":
+        from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+        from pyrolora.backbones import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+        for key, build in (
+            ("bert", lambda: BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2,
+                                                  num_attention_heads=2, intermediate_size=24))),
+            ("llama", lambda: LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16,
+                                                           intermediate_size=24, num_hidden_layers=2,
+                                                           num_attention_heads=2, num_key_value_heads=1,
+                                                           pad_token_id=tokenizer.pad_token_id))),
+        ):  # fmt: skip
+            path = folder / f"tiny-{key}"
+            if not (path / "config.json").is_file():
+                torch.manual_seed(0)
+                build().save_pretrained(path)
+                tokenizer.save_pretrained(path)
+            models[key] = str(path)
+        return models
+    if any(t in ENCODER_TASKS for t in tasks):
+        from transformers import AutoModel, AutoTokenizer
+
+        from pyrolora.backbones import resolve_model
+
+        source = resolve_model(minilm or os.environ.get("PYROLORA_MINILM") or "minilm")
+        path = folder / "minilm-fp32"
+        if not (path / "config.json").is_file():
+            AutoModel.from_pretrained(source, dtype=torch.float32).save_pretrained(path)
+            AutoTokenizer.from_pretrained(source).save_pretrained(path)
+        models["minilm"] = str(path)
+    if any(t in QA_TASKS for t in tasks):
+        from pyrolora.models.multiple_choice import load_causal_lm
+
+        path = folder / "smollm2-fp32"
+        if not (path / "config.json").is_file():
+            lm, tokenizer = load_causal_lm(
+                smollm2 or os.environ.get("PYROLORA_SMOLLM2") or "smollm2", dtype=torch.float32
+            )
+            lm.config.quantization_config = None  # de-quantized now: plain float32 weights
+            lm.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        models["smollm2"] = str(path)
+    return models
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One training run (in a worker process): probabilities on every evaluation split, times, counts."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    from pyrolora.config import RunConfig
+    from pyrolora.experiment import load_task
+    from pyrolora.runner import fit_and_predict
+
+    config = RunConfig.from_dict(job["config"])
+    splits = load_task(config.task)
+    start = time.perf_counter()
+    device = job["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 autocast of the backbone on the GPU (as in the prototype); guide, ELBO and likelihood stay in float32
+    out = fit_and_predict(
+        config,
+        splits,
+        device=device,
+        progress=False,
+        also_mc_dropout=job["mc_dropout"],
+        autocast=torch.bfloat16 if job["autocast"] else None,
+    )
+    result = {k: v for k, v in job.items() if k != "config"}
+    result.update({k: v for k, v in out.items() if not k.endswith("probs")})
+    result["probs"] = {k: v.numpy().tolist() for k, v in out["probs"].items()}
+    if "mc_dropout_probs" in out:
+        result["mc_dropout_probs"] = {k: v.numpy().tolist() for k, v in out["mc_dropout_probs"].items()}
+    result["wall_seconds"] = time.perf_counter() - start
+    return result
+
+
+def make_jobs(args: argparse.Namespace, models: dict[str, str]) -> list[dict[str, Any]]:
+    """Every training run the table needs; MAP runs serve LoRA-XS MAP, MC dropout and the ensembles."""
+    jobs = []
+    seeds = list(range(args.seeds))
+    for task in args.tasks:
+        base = task_config(task, args.size, models)
+        size = base["method"]["ensemble_size"]
+        wants = set(args.methods)
+        map_seeds = seeds + (list(range(args.seeds, args.seeds + size - 1)) if "ensemble" in wants else [])
+        mc = "mc_dropout" in wants and task not in QA_TASKS  # Llama has no dropout layers
+        plan = []
+        if "lora" in wants:
+            plan += [("lora", s, {"method": {**base["method"], "name": "peft_lora"}}, False) for s in seeds]
+        if wants & {"lora_xs", "mc_dropout", "ensemble"}:
+            plan += [("delta", s, {"guide": {"name": "delta"}}, mc and s < args.seeds) for s in map_seeds]
+        if "blora_xs" in wants:
+            plan += [("lowrank", s, {"guide": {"name": "lowrank", "options": {"rank": 2}}}, False) for s in seeds]
+        for guide in sorted(wants - set(METHOD_LABELS)):
+            plan += [(guide, s, {"guide": {"name": guide}}, False) for s in seeds]
+        for kind, seed, change, with_mc in plan:
+            config = {**base, **change, "train": {**base["train"], "seed": seed}}
+            jobs.append(
+                {"task": task, "kind": kind, "seed": seed, "config": config, "mc_dropout": with_mc,
+                 "device": args.device, "threads": args.threads, "autocast": args.autocast}
+            )  # fmt: skip
+
+    # round-major order, so that a run cut short by --deadline still has every method's first seeds: round r
+    # holds seed r of every method and the MAP runs that complete ensemble r (MAP seeds r .. r + size - 1)
+    def round_of(job: dict[str, Any]) -> int:
+        if job["kind"] != "delta":
+            return job["seed"]
+        size = job["config"]["method"]["ensemble_size"] if "ensemble" in args.methods else 1
+        return max(0, job["seed"] - size + 1)
+
+    return sorted(jobs, key=lambda j: (round_of(j), args.tasks.index(j["task"]), j["seed"]))
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval); half-width NaN for one value."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return float(x.mean()), float("nan")
+    try:
+        from scipy import stats
+
+        t = float(stats.t.ppf(0.975, len(x) - 1))
+    except ImportError:  # the GPU machine may lack scipy: t(0.975, df) for df = 1..10, else the normal quantile
+        t = (
+            (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)[len(x) - 2]
+            if len(x) <= 11
+            else 1.96
+        )
+    return float(x.mean()), t * float(x.std(ddof=1)) / float(np.sqrt(len(x)))
+
+
+def bootstrap(probs: np.ndarray, labels: np.ndarray, name: str, n_bins: int, reps: int = 1000) -> float:
+    """Half-width of the 95% percentile bootstrap interval of one metric over test examples."""
+    from pyrolora.runner import classification_metrics
+
+    rng = np.random.default_rng(0)
+    values = []
+    for _ in range(reps):
+        index = rng.integers(0, len(labels), len(labels))
+        values.append(classification_metrics(probs[index], labels[index], n_bins)[name])
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float((high - low) / 2)
+
+
+def summarize(args: argparse.Namespace, done: list[dict[str, Any]], labels: dict[str, dict[str, np.ndarray]]) -> dict:
+    """Per task and method: per-seed metrics on every evaluation split, their mean and 95% interval."""
+    from pyrolora.runner import classification_metrics
+
+    rows: dict[str, dict[str, Any]] = {}
+    for task in args.tasks:
+        size = task_config(task, args.size, {"minilm": "", "smollm2": "", "bert": "", "llama": ""})["method"]
+        size = size["ensemble_size"]
+        runs = {(d["kind"], d["seed"]): d for d in done if d["task"] == task}
+        members: dict[str, list[list[dict[str, Any]]]] = {}
+        for method in args.methods:
+            if method == "lora":
+                members[method] = [[runs[("lora", s)]] for s in range(args.seeds) if ("lora", s) in runs]
+            elif method in ("lora_xs", "mc_dropout"):
+                members[method] = [[runs[("delta", s)]] for s in range(args.seeds) if ("delta", s) in runs]
+            elif method == "ensemble":
+                keys = [[("delta", s + i) for i in range(size)] for s in range(args.seeds)]
+                members[method] = [[runs[k] for k in ks] for ks in keys if all(k in runs for k in ks)]
+            else:
+                kind = "lowrank" if method == "blora_xs" else method
+                members[method] = [[runs[(kind, s)]] for s in range(args.seeds) if (kind, s) in runs]
+        for method, groups in members.items():
+            if not groups or (method == "mc_dropout" and task in QA_TASKS):
+                continue
+            field = "mc_dropout_probs" if method == "mc_dropout" else "probs"
+            seeds = []
+            for group in groups:
+                probs = {s: np.mean([np.asarray(g[field][s]) for g in group], axis=0) for s in group[0][field]}
+                seeds.append(
+                    {
+                        "probs": probs,
+                        "metrics": {s: classification_metrics(p, labels[task][s]) for s, p in probs.items()},
+                        "train_seconds": sum(g["train_seconds"] for g in group) if method != "mc_dropout" else 0.0,
+                        "predict_seconds": sum(
+                            g["mc_dropout_predict_seconds" if method == "mc_dropout" else "predict_seconds"]
+                            for g in group
+                        ),
+                        "trainable_params": sum(g["trainable_params"] for g in group),
+                        "stored_params": sum(g["stored_params"] for g in group),
+                    }
+                )
+            summary: dict[str, Any] = {}
+            for split in seeds[0]["metrics"]:
+                summary[split] = {}
+                for name in METRICS:
+                    mean, half = interval([s["metrics"][split][name] for s in seeds])
+                    if len(seeds) == 1:
+                        half = bootstrap(seeds[0]["probs"][split], labels[task][split], name, 15)
+                    summary[split][name] = {"mean": mean, "ci95": half}
+            for key in ("train_seconds", "predict_seconds", "trainable_params", "stored_params"):
+                summary[key] = float(np.mean([s[key] for s in seeds]))
+            summary["num_seeds"] = len(seeds)
+            summary["per_seed"] = [{k: v for k, v in s.items() if k != "probs"} for s in seeds]
+            rows[f"{task}/{method}"] = {"task": task, "method": method, **summary}
+    return rows
+
+
+def table(rows: dict[str, dict[str, Any]], split: str = "test") -> str:
+    """Markdown: one row per task and method, metrics as mean ± 95% half-width."""
+
+    def cell(m: dict[str, float]) -> str:
+        return f"{m['mean']:.3f}" + ("" if np.isnan(m["ci95"]) else f" ± {m['ci95']:.3f}")
+
+    lines = [
+        "| task | method | seeds | acc | ECE | NLL | Brier | MCC | trainable | stored | train s | predict s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows.values():
+        if split not in row:
+            continue
+        m = row[split]
+        mcc = cell(m["mcc"]) if row["task"] == "cola" else "–"
+        label = METHOD_LABELS.get(row["method"], f"B-LoRA-XS ({row['method']})")
+        lines.append(
+            f"| {row['task']} | {label} | {row['num_seeds']} | {cell(m['accuracy'])} | {cell(m['ece'])} | "
+            f"{cell(m['nll'])} | {cell(m['brier'])} | {mcc} | {row['trainable_params']:,.0f} | "
+            f"{row['stored_params']:,.0f} | {row['train_seconds']:.0f} | {row['predict_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("tiny", "small", "full"), default="full")
+    parser.add_argument("--tasks", default="sst2,rte,cola,arc_easy", type=lambda s: s.split(","))
+    parser.add_argument("--methods", default="lora,lora_xs,mc_dropout,ensemble,blora_xs", type=lambda s: s.split(","))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=0, help="parallel worker processes; 0 runs in this process")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per job")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--minilm", default=None, help="MiniLM folder (default $PYROLORA_MINILM or the package)")
+    parser.add_argument("--smollm2", default=None, help="SmolLM2 .gguf or folder (default $PYROLORA_SMOLLM2)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tasks"))
+    parser.add_argument("--deadline", type=float, default=None, help="start no job after this many seconds")
+    parser.add_argument(
+        "--autocast", action=argparse.BooleanOptionalAction, default=None, help="bf16 (default: on GPU)"
+    )
+    args = parser.parse_args(argv)
+    from pyrolora.inference import guides
+
+    unknown = [m for m in args.methods if m not in METHOD_LABELS and m not in guides.available()]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {[*METHOD_LABELS, *guides.available()]}")
+    started = time.perf_counter()
+    if args.autocast is None:
+        import torch
+
+        args.autocast = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    models = prepare_models(args.size, args.out / "_models", args.minilm, args.smollm2, args.tasks)
+    from pyrolora.config import RunConfig
+    from pyrolora.experiment import load_task
+
+    labels = {}
+    for task in args.tasks:
+        splits = load_task(RunConfig.from_dict(task_config(task, args.size, models)).task)
+        labels[task] = {k: v.labels for k, v in splits.items() if k not in ("train", "validation")}
+    jobs = make_jobs(args, models)
+    print(f"{len(jobs)} jobs, {args.workers or 1} at a time; models {models}", flush=True)
+    done: list[dict[str, Any]] = []
+    log = args.out / "jobs.jsonl"
+    log.write_text("", encoding="utf-8")
+
+    def finish(result: dict[str, Any]) -> None:
+        done.append(result)
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({k: v for k, v in result.items() if not k.endswith("probs")}) + "\n")
+        print(
+            f"[{len(done)}/{len(jobs)}] {result['task']} {result['kind']} seed {result['seed']}: "
+            f"{result['wall_seconds']:.0f} s ({time.perf_counter() - started:.0f} s total)",
+            flush=True,
+        )
+
+    def in_time() -> bool:
+        return args.deadline is None or time.perf_counter() - started < args.deadline
+
+    if args.workers:
+        context = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+            queue = list(jobs)
+            running = {pool.submit(run_job, queue.pop(0)) for _ in range(min(args.workers, len(queue)))}
+            while running:
+                finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    finish(future.result())
+                    if queue and in_time():
+                        running.add(pool.submit(run_job, queue.pop(0)))
+    else:
+        for job in jobs:
+            if not in_time():
+                break
+            finish(run_job(job))
+    if len(done) < len(jobs):
+        print(f"deadline: {len(jobs) - len(done)} jobs not run; the table uses the seeds that finished", flush=True)
+    rows = summarize(args, done, labels)
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "device": _device_name(args.device),
+        "size": args.size,
+        "total_seconds": time.perf_counter() - started,
+        "configs": {t: task_config(t, args.size, models) for t in args.tasks},
+        "rows": rows,
+    }
+    markdown = table(rows)
+    extra = sorted({s for r in rows.values() for s in r if s in ("in_domain", "out_of_domain")})
+    for split in extra:
+        markdown += f"\n\nCoLA {split} dev:\n\n" + table(rows, split)
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (args.out / "table.md").write_text(markdown + "\n", encoding="utf-8")
+    print(markdown)
+    print(f"\n{report['device']}, {report['total_seconds']:.0f} s; wrote {args.out / 'results.json'}")
+    return report
+
+
+def _device_name(device: str | None) -> str:
+    import torch
+
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({os.cpu_count()} cores visible, {torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""One runner for every method on every task: same splits, same loaders, same metrics, same timers.
+
+:func:`run_method` trains the method of ``config.method`` on the task's ``train`` split and evaluates it on
+``test`` (the task's dev file) and any extra evaluation split (CoLA's in-domain and out-of-domain dev),
+reporting accuracy, ECE, NLL, Brier, MCC, trainable and stored parameters, and train and predict seconds.
+
+Parameter counts include the task head. *Trainable*: what the optimizer updates (guide parameters and head;
+LoRA matrices and head). *Stored*: what must be saved to reproduce predictions on top of the frozen backbone
+(the guide's state, e.g. μ, L and d for ``lowrank``; D numbers for ``delta``; the LoRA matrices), times the
+number of members for an ensemble.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pyrolora.baselines import count_numel, inject_peft_lora, mc_dropout, predict_point, train_peft_lora
+from pyrolora.config import RunConfig
+from pyrolora.evaluation import metrics
+from pyrolora.experiment import Run, _write_json, build, load_task, save_run
+from pyrolora.inference import fit, predict
+
+__all__ = ["classification_metrics", "fit_and_predict", "run_method"]
+
+
+def classification_metrics(probs: torch.Tensor | np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, float]:
+    """Accuracy, ECE, NLL, Brier and MCC of averaged probabilities (N, C) against labels (N,)."""
+    return {
+        "accuracy": metrics.accuracy(probs, labels),
+        "ece": metrics.ece(probs, labels, n_bins=n_bins),
+        "nll": metrics.nll(probs, labels),
+        "brier": metrics.brier(probs, labels),
+        "mcc": metrics.mcc(probs, labels),
+        "num_examples": len(labels),
+    }
+
+
+def _eval_names(splits: dict[str, Any]) -> list[str]:
+    return [n for n in splits if n not in ("train", "validation")]
+
+
+def autocast_backbone(backbone: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Run the backbone's forward (only it) under ``torch.autocast(dtype)``; guide and ELBO stay in float32."""
+    if dtype is not None:
+        backbone.forward = torch.autocast(device.type, dtype=dtype)(backbone.forward)
+
+
+def _fit_bayesian(
+    config: RunConfig, splits: dict[str, Any], device: torch.device, progress: bool, autocast: torch.dtype | None = None
+) -> Run:
+    run = build(config, splits)
+    run.model.to(device)
+    autocast_backbone(run.model.backbone, device, autocast)
+    t = config.train
+    run.fit_result = fit(
+        run.model,
+        run.guide,
+        run.loader("train", shuffle=True),
+        num_epochs=t.epochs,
+        lr=t.lr,
+        head_lr=t.head_lr,
+        warmup=t.warmup,
+        schedule=t.schedule,
+        clip_norm=t.clip_norm,
+        num_particles=t.num_particles,
+        seed=t.seed,
+        progress=progress,
+    )
+    return run
+
+
+def _predict_run(run: Run, split: str, *, dropout: bool = False) -> torch.Tensor:
+    p = run.config.predict
+    with mc_dropout(run.model.backbone) if dropout else contextlib.nullcontext():
+        return predict(run.model, run.guide, run.loader(split), num_samples=p.num_samples, seed=0).mean
+
+
+def _bayesian_counts(run: Run) -> tuple[int, int]:
+    head = count_numel(run.model.head_parameters())
+    trainable = count_numel(p for p in run.guide.parameters() if p.requires_grad) + head
+    stored = count_numel(run.guide.state_dict().values()) + count_numel(run.model.head_state().values())
+    return trainable, stored
+
+
+def fit_and_predict(
+    config: RunConfig,
+    splits: dict[str, Any],
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    also_mc_dropout: bool = False,
+    out: str | Path | None = None,
+    autocast: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Train one model of ``config`` (a guide by SVI, or peft LoRA) and predict every evaluation split.
+
+    Returns ``{"probs": {split: (N, C)}, "train_seconds", "predict_seconds", "trainable_params",
+    "stored_params"}``, plus ``"mc_dropout_probs"`` and ``"mc_dropout_predict_seconds"`` when
+    ``also_mc_dropout`` (the same trained model predicted with dropout on: MC dropout costs no extra training).
+    ``autocast`` (e.g. ``torch.bfloat16``) runs the backbone's forward in mixed precision.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = _eval_names(splits)
+    probs: dict[str, torch.Tensor] = {}
+    result: dict[str, Any] = {"predict_seconds": 0.0}
+    if config.method.name == "peft_lora":
+        run = build(config.replace(guide={"name": "delta"}), splits)  # the backbone, tokenizer and loaders
+        backbone = run.model.backbone
+        for site, layer in run.model.adapters.items():  # take the LoRA-XS layers out again: plain backbone
+            parent, _, child = site.rpartition(".")
+            setattr(backbone.get_submodule(parent) if parent else backbone, child, layer.base)
+        m, t = config.method, config.train
+        lora, head = inject_peft_lora(backbone, m.lora_rank, m.lora_alpha, m.lora_targets, m.lora_dropout)
+        backbone.to(device)
+        autocast_backbone(backbone, device, autocast)
+        _, result["train_seconds"] = train_peft_lora(
+            backbone,
+            lora,
+            head,
+            run.loader("train", shuffle=True),
+            num_epochs=t.epochs,
+            lr=m.lora_lr,
+            head_lr=t.head_lr,
+            warmup=t.warmup,
+            schedule=t.schedule,
+            clip_norm=t.clip_norm,
+            seed=t.seed,
+            progress=progress,
+        )
+        for name in names:
+            start = time.perf_counter()
+            probs[name] = predict_point(backbone, run.loader(name))
+            result["predict_seconds"] += time.perf_counter() - start
+        result["trainable_params"] = result["stored_params"] = count_numel(lora) + count_numel(head)
+        if out is not None:
+            from safetensors.torch import save_file
+
+            Path(out).mkdir(parents=True, exist_ok=True)
+            state = {n: p.detach().cpu().contiguous() for n, p in backbone.named_parameters() if p.requires_grad}
+            save_file(state, str(Path(out) / "peft_lora.safetensors"))
+            _write_json(Path(out) / "config.json", config.to_dict())
+        result["probs"] = probs
+        return result
+    run = _fit_bayesian(config, splits, device, progress, autocast)
+    assert run.fit_result is not None
+    result["train_seconds"] = run.fit_result.seconds
+    dropout_only = config.method.name == "mc_dropout"
+    for name in names:
+        start = time.perf_counter()
+        probs[name] = _predict_run(run, name, dropout=dropout_only)
+        result["predict_seconds"] += time.perf_counter() - start
+    if also_mc_dropout and not dropout_only:
+        start = time.perf_counter()
+        result["mc_dropout_probs"] = {name: _predict_run(run, name, dropout=True) for name in names}
+        result["mc_dropout_predict_seconds"] = time.perf_counter() - start
+    result["trainable_params"], result["stored_params"] = _bayesian_counts(run)
+    if out is not None:
+        n_bins = config.predict.n_bins
+        run.metrics = {n: classification_metrics(probs[n], splits[n].labels, n_bins) for n in names}
+        save_run(run, out)
+    result["probs"] = probs
+    return result
+
+
+def run_method(
+    config: RunConfig,
+    *,
+    splits: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``config.method`` on the task and evaluate it; optionally save into the run folder ``out``.
+
+    Returns:
+        ``{"method", "guide", "task", "seed", "metrics": {split: {...}}, "train_seconds", "predict_seconds",
+        "trainable_params", "stored_params"}``.
+    """
+    splits = splits if splits is not None else load_task(config.task)
+    names = _eval_names(splits)
+    n_bins = config.predict.n_bins
+    if config.method.name == "ensemble":
+        members = []
+        for member in range(config.method.ensemble_size):
+            member_config = config.replace(train={"seed": config.train.seed + member}, method={"name": "bayesian"})
+            member_out = None if out is None else Path(out) / f"member-{member}"
+            members.append(fit_and_predict(member_config, splits, device=device, progress=progress, out=member_out))
+        done = {
+            "probs": {n: torch.stack([m["probs"][n] for m in members]).mean(0) for n in names},
+            **{k: sum(m[k] for m in members) for k in members[0] if k != "probs"},
+        }
+        if out is not None:
+            _write_json(Path(out) / "config.json", config.to_dict())
+    else:
+        done = fit_and_predict(config, splits, device=device, progress=progress, out=out)
+    result = {
+        "method": config.method.name,
+        "guide": config.guide.name,
+        "task": config.task.name,
+        "seed": config.train.seed,
+        "metrics": {n: classification_metrics(done["probs"][n], splits[n].labels, n_bins) for n in names},
+        **{k: done[k] for k in ("train_seconds", "predict_seconds", "trainable_params", "stored_params")},
+    }
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        _write_json(Path(out) / "result.json", result)
+    return result

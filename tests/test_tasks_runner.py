@@ -1,0 +1,153 @@
+"""Every method through one runner and the CLI: a GLUE-style task from a config alone, the benchmark grid."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pyrolora.cli import app
+from pyrolora.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def benchmark_module():
+    spec = importlib.util.spec_from_file_location("bench_tasks", ROOT / "benchmarks" / "tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_shipped_config_is_valid():
+    files = sorted((ROOT / "configs").glob("*.toml"))
+    assert len(files) == 27  # 6 tasks x 5 methods, minus MC dropout on the three QA tasks (Llama has no dropout)
+    methods = {load_config(f).method.name for f in files}
+    assert methods == {"bayesian", "mc_dropout", "ensemble", "peft_lora"}
+
+
+@pytest.mark.slow
+def test_cli_trains_an_ensemble_on_a_tsv_task_described_only_by_its_config(tmp_path):
+    models = benchmark_module().prepare_models("tiny", tmp_path / "models", None, None, [])
+    data = tmp_path / "data"
+    data.mkdir()
+    words = ["good", "great", "fine", "bad", "awful", "poor"]
+    rows = [f"{words[i % 6]} movie {i}\t{'pos' if i % 6 < 3 else 'neg'}\n" for i in range(60)]
+    (data / "train.tsv").write_text("text\tstars\n" + "".join(rows), encoding="utf-8")
+    (data / "dev.tsv").write_text("text\tstars\n" + "".join(rows[:12]), encoding="utf-8")
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f"""
+[model]
+name = "{models["bert"]}"
+max_length = 16
+[task]
+name = "tsv"
+path = "{data}"
+text_columns = ["text"]
+label_column = "stars"
+labels = ["neg", "pos"]
+[adapters]
+rank = 2
+[guide]
+name = "delta"
+[train]
+epochs = 2
+batch_size = 16
+[predict]
+num_samples = 2
+[method]
+name = "ensemble"
+ensemble_size = 2
+""",
+        encoding="utf-8",
+    )
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "result.json").read_text())
+    members = [json.loads((out / f"member-{i}" / "metrics.json").read_text())["test"] for i in range(2)]
+    assert summary["metrics"]["test"]["num_examples"] == 12
+    # -log is convex: the NLL of averaged probabilities is at most the members' mean NLL (Jensen), up to rounding
+    assert summary["metrics"]["test"]["nll"] <= np.mean([m["nll"] for m in members]) + 1e-6
+    single = json.loads((out / "member-0" / "config.json").read_text())
+    # 2 members x (D = 2 layers x 2 sites (query, value) x r² with r = 2, plus the head 16 x 2 + 2)
+    assert summary["stored_params"] == 2 * (2 * 2 * 2**2 + 16 * 2 + 2)
+    assert single["method"]["name"] == "bayesian"
+
+
+def test_confidence_intervals_match_their_textbook_values():
+    bench = benchmark_module()
+    mean, half = bench.interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / np.sqrt(3), rel=1e-3)  # t(0.975, 2) = 4.303
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    probs = np.full((400, 2), 0.5)
+    probs[np.arange(400), labels] = np.where(rng.random(400) < 0.5, 0.6, 0.4)  # 50% accurate
+    half = bench.bootstrap(probs, labels, "accuracy", 15, reps=400)
+    # normal approximation 1.96·sqrt(0.25/400) = 0.049; bootstrap noise with 400 resamples is about ±0.005
+    assert half == pytest.approx(0.049, abs=0.008)
+
+
+@pytest.mark.slow
+def test_benchmark_grid_runs_end_to_end_at_tiny_size(tmp_path):
+    bench = benchmark_module()
+    report = bench.main(
+        ["--size", "tiny", "--tasks", "sst2,arc_easy", "--seeds", "2", "--device", "cpu", "--out", str(tmp_path)]
+    )
+    rows = report["rows"]
+    expected = {f"sst2/{m}" for m in bench.METHOD_LABELS} | {
+        f"arc_easy/{m}" for m in bench.METHOD_LABELS if m != "mc_dropout"
+    }
+    assert set(rows) == expected
+    for row in rows.values():
+        assert row["num_seeds"] == 2 and np.isfinite(row["test"]["nll"]["ci95"])
+        assert 0 <= row["test"]["accuracy"]["mean"] <= 1
+    for task in ("sst2", "arc_easy"):
+        delta = rows[f"{task}/lora_xs"]["stored_params"]
+        assert rows[f"{task}/ensemble"]["stored_params"] == 2 * delta  # tiny ensembles have 2 members
+        assert rows[f"{task}/mc_dropout"]["stored_params"] == delta if task == "sst2" else True
+        assert rows[f"{task}/blora_xs"]["stored_params"] > delta  # lowrank stores μ, L (K = 2) and d
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("\n") == 2 + len(rows) and " ± " in table  # header, separator, one line per row
+    assert json.loads((tmp_path / "results.json").read_text())["size"] == "tiny"
+
+
+@pytest.mark.slow
+def test_cli_trains_multiple_choice_and_evaluates_on_another_task(tmp_path, data_dir):
+    models = benchmark_module().prepare_models("tiny", tmp_path / "models", None, None, [])
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    for name, n in (("train", 30), ("dev", 6)):
+        records = [
+            {
+                "question": {
+                    "stem": f"which is {i}?",
+                    "choices": [{"text": str(i + k), "label": "ABCD"[k]} for k in range(4)],
+                },
+                "answerKey": "ABCD"[i % 4],
+            }
+            for i in range(n)
+        ]
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    config = tmp_path / "qa.toml"
+    config.write_text(
+        f'[model]\nname = "{models["llama"]}"\nmax_length = 48\n'
+        f'[task]\nname = "mcqa"\npath = "{folder}"\nmax_eval = 20\n'
+        '[adapters]\nrank = 2\ntarget_modules = ["q_proj", "v_proj"]\n'
+        '[guide]\nname = "lowrank"\n[train]\nepochs = 1\nbatch_size = 8\n[predict]\nnum_samples = 2\nbatch_size = 8\n',
+        encoding="utf-8",
+    )
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["test"]["num_examples"] == 6
+    shifted = runner.invoke(app, ["evaluate", str(out), "--task", "arc_easy"], env={"PYROLORA_DATA": str(data_dir)})
+    assert shifted.exit_code == 0, shifted.output
+    metrics = json.loads(shifted.output[shifted.output.index("{") :])
+    assert metrics["num_examples"] == 20 and 0 <= metrics["accuracy"] <= 1  # max_eval of the run's config
+    wrong = runner.invoke(app, ["evaluate", str(out), "--task", "sst2"], env={"PYROLORA_DATA": str(data_dir)})
+    assert wrong.exit_code == 2 and "different kind of task" in wrong.output
