@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DataError",
+    "DistributedError",
     "DivergenceError",
     "PyroloraError",
     "RunFolderError",
@@ -40,3 +41,7 @@ class DivergenceError(PyroloraError, FloatingPointError):
 
 class RunFolderError(PyroloraError, OSError):
     """A saved run folder is missing, incomplete, corrupt or does not match the model it is loaded into."""
+
+
+class DistributedError(PyroloraError, RuntimeError):
+    """A process of a distributed job failed, or the processes disagree (different data or models)."""

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pyrolora.errors import ConfigError, DivergenceError
+from pyrolora.inference import distributed
 from pyrolora.inference.batches import split_batch, to_device
 from pyrolora.inference.guides import check_local
 from pyrolora.models import BayesianLoraModel
@@ -171,6 +172,9 @@ def fit(
     warmup_steps = round(warmup * num_steps) if warmup < 1 else int(warmup)
     elbo = loss if loss is not None else Trace_ELBO(num_particles=num_particles)
     device = model.device
+    if distributed.is_distributed():  # under torchrun: shard every global batch, average gradients with DDP
+        data, elbo = distributed.data_parallel(model, guide, data, elbo)
+        progress = progress and distributed.is_main_process()
 
     check_local(guide)
     result = FitResult(dataset_size=model.dataset_size)
