@@ -27,7 +27,7 @@ from pyrolora.config import RunConfig, TaskSpec
 from pyrolora.data import ClassificationSplit, TokenizedLoader, vader_splits
 from pyrolora.errors import ConfigError, RunFolderError
 from pyrolora.evaluation import metrics
-from pyrolora.inference import FitResult, Prediction, fit, guides, predict
+from pyrolora.inference import FitResult, Prediction, distributed, fit, guides, predict
 from pyrolora.inference.state import load_state, save_state
 from pyrolora.models import BayesianLoraModel, priors
 
@@ -92,6 +92,8 @@ def build(config: RunConfig, splits: dict[str, ClassificationSplit] | None = Non
 def train(config: RunConfig, *, progress: bool = True, splits: dict[str, ClassificationSplit] | None = None) -> Run:
     """Build a run and fit its guide and head on the ``train`` split."""
     run = build(config, splits)
+    if distributed.is_distributed():  # under torchrun: one device per process (cuda:LOCAL_RANK on a GPU machine)
+        run.model.to(distributed.device())
     t = config.train
     run.fit_result = fit(
         run.model,
@@ -163,8 +165,13 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def save_run(run: Run, directory: str | Path) -> Path:
-    """Save configuration (JSON), posterior and head (safetensors), fit history and metrics into ``directory``."""
+    """Save configuration (JSON), posterior and head (safetensors), fit history and metrics into ``directory``.
+
+    In a distributed job only the main process writes (every process holds the same run).
+    """
     directory = Path(directory)
+    if not distributed.is_main_process():
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     _write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **run.config.to_dict()})
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{STATE_FILE}.", suffix=".tmp")
