@@ -12,6 +12,7 @@ shards, stays near machine precision.
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -158,12 +159,34 @@ def run_scenario(name: str, *, sharded: bool = False) -> dict[str, object]:
     }
 
 
+def failure_scenario() -> list[str]:
+    """Process 1's shard of the second batch holds NaN inputs: every process must raise, none may hang.
+
+    Returns every process's outcome (exception type and message), gathered on every process.
+    """
+    model = mlp_model()
+    train = _batches(TRAIN_BATCHES, 4, seed=1)
+    x, y = train[1]
+    bad = x.clone()
+    bad[8:] = math.nan  # rows 8..15 of 16: process 1's shard only
+    train[1] = (bad, y)
+    try:
+        fit(model, guides.make("lowrank", model, rank=2), train, num_steps=4, seed=0, progress=False)
+        outcome = "finished"
+    except Exception as err:
+        outcome = f"{type(err).__name__}: {err}"
+    outcomes: list[str] = [""] * distributed.world_size()
+    torch.distributed.all_gather_object(outcomes, outcome)
+    return outcomes
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     results = {
         "world_size": distributed.world_size() if distributed.is_distributed() else 1,
         "mlp": scenario("mlp"),
         "bert_fsdp": scenario("bert", sharded=True),
+        "failure": failure_scenario(),
     }
     if distributed.is_main_process():
         out.mkdir(parents=True, exist_ok=True)

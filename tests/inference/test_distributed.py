@@ -129,6 +129,15 @@ def test_fsdp_sharded_frozen_backbone_trains_adapters_and_head(two_process_resul
     _compare(result, worker.scenario("bert"))
 
 
+@pytest.mark.slow
+def test_a_failing_process_stops_every_process(two_process_results):
+    # NaN inputs in process 1's shard at step 2: it raises the single-process error, process 0 learns of it in
+    # the same step's loss all-reduce and raises too (a hang would have stopped the job at the 600 s timeout).
+    one, two = two_process_results["failure"]
+    assert one.startswith("DistributedError: 1 other process(es) failed in this step (this is rank 0)")
+    assert two.startswith("DivergenceError: the model produced non-finite outputs at step 2 of 4")
+
+
 def _launch_env() -> dict[str, str]:
     path = os.pathsep.join([str(REPO), str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
     return {
