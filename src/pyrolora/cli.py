@@ -67,8 +67,11 @@ def train_cmd(
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     except PyroloraError as err:
         _fail(err)
-    typer.echo(json.dumps(evaluation.metrics, indent=2))
-    typer.echo(f"saved to {out}")
+    from pyrolora.inference.distributed import is_main_process
+
+    if is_main_process():  # under torchrun every process holds the same metrics; one prints them
+        typer.echo(json.dumps(evaluation.metrics, indent=2))
+        typer.echo(f"saved to {out}")
 
 
 def _train_other_method(config: Path, out: Path) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DataError",
+    "DistributedError",
     "DivergenceError",
     "PyroloraError",
     "RunFolderError",
@@ -45,3 +46,7 @@ class RunFolderError(PyroloraError, OSError):
 
 class TruncationWarning(UserWarning):
     """Inputs longer than the token limit were truncated (issued once per dataset, with the count)."""
+
+
+class DistributedError(PyroloraError, RuntimeError):
+    """A process of a distributed job failed, or the processes disagree (different data or models)."""

@@ -29,7 +29,7 @@ from pyrolora.data import ClassificationSplit, TokenizedLoader, vader_splits
 from pyrolora.data.mcqa import MultipleChoiceLoader, MultipleChoiceSplit
 from pyrolora.errors import ConfigError, RunFolderError
 from pyrolora.evaluation import metrics
-from pyrolora.inference import FitResult, Prediction, guides, predict
+from pyrolora.inference import FitResult, Prediction, distributed, guides, predict
 from pyrolora.inference.posterior import fit_posterior
 from pyrolora.inference.state import load_state, save_state
 from pyrolora.models import BayesianLoraModel, priors
@@ -226,6 +226,8 @@ def train(
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs the checkpoint_dir of the interrupted run.")
     run = build(config, splits)
+    if distributed.is_distributed():  # under torchrun: one device per process (cuda:LOCAL_RANK on a GPU machine)
+        run.model.to(distributed.device())
     t = config.train
     logger = _training_logger(run, log_dir)
     run.fit_result = fit_posterior(  # SVI for variational guides; MAP + Hessian/collection/chains for the others
@@ -333,8 +335,13 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def save_run(run: Run, directory: str | Path) -> Path:
-    """Save configuration (JSON), posterior and head (safetensors), fit history and metrics into ``directory``."""
+    """Save configuration (JSON), posterior and head (safetensors), fit history and metrics into ``directory``.
+
+    In a distributed job only the main process writes (every process holds the same run).
+    """
     directory = Path(directory)
+    if not distributed.is_main_process():
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_FILE).unlink(missing_ok=True)  # until the new one is written, the folder reads as unsaved
     _write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **run.config.to_dict()})

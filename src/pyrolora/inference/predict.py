@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from functools import partial
 from typing import Any, NamedTuple
 
 import pyro
@@ -13,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pyrolora.errors import ConfigError
+from pyrolora.inference import distributed
 from pyrolora.inference.batches import split_batch, to_device
 from pyrolora.inference.guides import setup
 from pyrolora.inference.precision import Precision, autocast, compiled_outputs
@@ -133,6 +135,11 @@ def predict(
     context = autocast(precision, model.device)
     outputs_fn = compiled_outputs(model, compile)
     device = model.device
+    if distributed.is_distributed():  # under torchrun: each process predicts its shard; gathered in order
+        show = progress and distributed.is_main_process()
+        local = partial(predict, model, guide, num_samples=num_samples, samples_per_pass=chunk, progress=show)
+        probs = distributed.sharded_predict(local, data, seed, device)  # (S, N, C)
+        return Prediction(probs=probs, mean=probs.mean(0))
     was_training = model.training
     model.eval()
     outputs: list[torch.Tensor] = []

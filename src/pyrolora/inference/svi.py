@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pyrolora.errors import ConfigError, DataError, DivergenceError
+from pyrolora.inference import distributed
 from pyrolora.inference.batches import split_batch, to_device
 from pyrolora.inference.checkpoint import BatchStream, Checkpointer
 from pyrolora.inference.guides import check_local
@@ -179,6 +180,11 @@ def fit(
     warmup_steps = round(warmup * num_steps) if warmup < 1 else int(warmup)
     elbo = loss if loss is not None else Trace_ELBO(num_particles=num_particles)
     device = model.device
+    if distributed.is_distributed():  # under torchrun: shard every global batch, average gradients with DDP
+        data, elbo = distributed.data_parallel(model, guide, data, elbo)
+        progress = progress and distributed.is_main_process()
+        # The DDP wrapper averages gradients around the Pyro ELBO; the lean step bypasses it, so it is not used.
+        lean = False
 
     check_local(guide)
     result = FitResult(dataset_size=model.dataset_size)
