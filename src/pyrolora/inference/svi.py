@@ -188,7 +188,8 @@ def fit(
 
     check_local(guide)
     result = FitResult(dataset_size=model.dataset_size)
-    checkpoints = Checkpointer(checkpoint_dir, checkpoint_every)
+    # In a distributed job every process holds the same state: only the main process writes checkpoints.
+    checkpoints = Checkpointer(checkpoint_dir if distributed.is_main_process() else None, checkpoint_every)
     with contextlib.ExitStack() as scope:
         scope.push(checkpoints.on_exit)
         scope.enter_context(pyro.settings.context(module_local_params=True))
