@@ -295,8 +295,10 @@ class DataParallelELBO:
         return self._ddp
 
     def differentiable_loss(self, model: nn.Module, guide: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if model is not self.model or guide is not self.guide:
-            raise ValueError("DataParallelELBO was built for another model or guide")
+        # ``model`` may be a thin wrapper of ``self.model`` (fit wraps it in its precision context); the guide
+        # must be the one whose parameters DDP averages.
+        if guide is not self.guide:
+            raise ValueError("DataParallelELBO was built for another guide")
         dist = _dist()
         ddp = self._wrapped()
         rows = _num_rows(tuple(args[:2]) if len(args) >= 2 else args[0])  # B_k, from (inputs, targets)
@@ -306,7 +308,7 @@ class DataParallelELBO:
             value = local.detach().double().item()
         except Exception as err:  # re-raised below, after the other processes learned of it
             failure, value = err, float("nan")
-        stats = torch.tensor([rows * value, rows, failure is not None], dtype=torch.float64, device=model.device)
+        stats = torch.tensor([rows * value, rows, failure is not None], dtype=torch.float64, device=self.model.device)
         dist.all_reduce(stats)  # one collective keeps every process's loss, weights and failure in step
         weighted_sum, total_rows, failures = stats.tolist()
         if failure is not None:
