@@ -148,7 +148,15 @@ def prepare_models(size: str, folder: Path, minilm: str | None, smollm2: str | N
                 smollm2 or os.environ.get("PYROLORA_SMOLLM2") or "smollm2", dtype=torch.float32
             )
             lm.config.quantization_config = None  # de-quantized now: plain float32 weights
-            lm.save_pretrained(path)
+            lm.hf_quantizer = None  # some transformers releases refuse to save a model loaded from GGUF otherwise
+            try:
+                lm.save_pretrained(path)
+            except ValueError:  # still refused: write the float32 weights and the config directly
+                from safetensors.torch import save_model
+
+                path.mkdir(parents=True, exist_ok=True)
+                save_model(lm, str(path / "model.safetensors"), metadata={"format": "pt"})
+                lm.config.save_pretrained(path)
             tokenizer.save_pretrained(path)
         models["smollm2"] = str(path)
     return models

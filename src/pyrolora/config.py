@@ -135,13 +135,43 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class PriorSpec:
-    """An isotropic Normal prior ``N(0, scale²)`` on every entry of every R."""
+    """The prior on every entry of every R (see :mod:`pyrolora.models.priors`).
 
-    name: Literal["isotropic"] = "isotropic"
+    - ``isotropic``: ``N(0, scale²)``.
+    - ``empirical_bayes``: ``N(0, σ²)`` with σ fitted by maximising the ELBO, starting at ``scale``.
+    - ``hierarchical``: ``N(0, σ²)`` with ``σ ~ LogNormal(log scale, hyper_scale)`` inferred with the adapters.
+    - ``student_t``: Student-t with ``df`` degrees of freedom and scale ``scale`` (heavy tails).
+    - ``laplace``: Laplace with scale ``scale``.
+    """
+
+    name: Literal["isotropic", "empirical_bayes", "hierarchical", "student_t", "laplace"] = "isotropic"
     scale: float = 0.1
+    df: float = 3.0
+    hyper_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_number(self.scale, "prior.scale", positive=True)
+        _check_number(self.df, "prior.df", positive=True)
+        _check_number(self.hyper_scale, "prior.hyper_scale", positive=True)
+        if self.name not in ("isotropic", "empirical_bayes", "hierarchical", "student_t", "laplace"):
+            raise ConfigError(
+                f"prior.name {self.name!r} is unknown; choose isotropic, empirical_bayes, hierarchical, student_t "
+                "or laplace."
+            )
+
+    def build(self) -> Any:
+        """The prior object this section describes."""
+        from pyrolora.models import priors
+
+        if self.name == "empirical_bayes":
+            return priors.EmpiricalBayes(self.scale)
+        if self.name == "hierarchical":
+            return priors.Hierarchical(self.scale, self.hyper_scale)
+        if self.name == "student_t":
+            return priors.StudentT(self.df, self.scale)
+        if self.name == "laplace":
+            return priors.Laplace(self.scale)
+        return priors.IsotropicNormal(self.scale)
 
 
 @dataclass(frozen=True)
@@ -171,11 +201,23 @@ class TrainSpec:
     clip_norm: float = 1.0
     num_particles: int = 1
     seed: int = 0
+    kl_weight: float = 1.0
+    kl_warmup: float = 0.0
+
+    def kl_schedule(self) -> Any:
+        """``kl_weight`` for :func:`pyrolora.fit`: the number, or a linear rise to it over ``kl_warmup``."""
+        if self.kl_warmup > 0:
+            from pyrolora.inference.svi import kl_annealing
+
+            return kl_annealing(self.kl_warmup, self.kl_weight)
+        return self.kl_weight
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr", "head_lr", "clip_norm", "num_particles"):
             _check_number(getattr(self, name), f"train.{name}", positive=True)
         _check_number(self.warmup, "train.warmup", minimum=0.0)
+        _check_number(self.kl_weight, "train.kl_weight", positive=True)
+        _check_number(self.kl_warmup, "train.kl_warmup", minimum=0.0)
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"train.seed must be an integer in [0, 2**63), got {self.seed!r}.")
 

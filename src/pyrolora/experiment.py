@@ -32,7 +32,7 @@ from pyrolora.evaluation import metrics
 from pyrolora.inference import FitResult, Prediction, distributed, guides, predict
 from pyrolora.inference.posterior import fit_posterior
 from pyrolora.inference.state import load_state, save_state
-from pyrolora.models import BayesianLoraModel, priors
+from pyrolora.models import BayesianLoraModel
 from pyrolora.runfolder import MANIFEST_FILE, check_model, verify_files, write_manifest
 
 __all__ = ["Evaluation", "Run", "build", "evaluate", "load_run", "load_task", "save_run", "train"]
@@ -153,7 +153,7 @@ def build(config: RunConfig, splits: dict[str, ClassificationSplit] | None = Non
     model = BayesianLoraModel(
         backbone,
         adapters,
-        prior=priors.IsotropicNormal(config.prior.scale),
+        prior=config.prior.build(),
         dataset_size=len(train_split),
     )
     guide = guides.make(config.guide.name, model, **config.guide.options)
@@ -244,6 +244,7 @@ def train(
         seed=t.seed,
         progress=progress,
         callback=logger,
+        kl_weight=t.kl_schedule(),
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         resume_from=resume_from,

@@ -306,6 +306,7 @@ class Checkpointer:
             "guide_class": type(guide).__name__,
             "guide": guide.state_dict(),
             "head": model.head_state(),
+            "prior": model.prior_state(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "stream": stream.state_dict(),
@@ -351,6 +352,7 @@ class Checkpointer:
                 prefix = name + "."
                 sub = {k[len(prefix) :]: v for k, v in head.items() if k.startswith(prefix)}
                 model.backbone.get_submodule(name).load_state_dict(sub)
+            model.load_prior_state(tree.get("prior", {}))
             optimizer.load_state_dict(tree["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise RunFolderError(f"the checkpoint {path} does not fit this model and guide: {err}") from err

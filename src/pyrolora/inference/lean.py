@@ -158,8 +158,12 @@ class LeanELBO:
             )
         if targets.shape[0] != batch:
             raise ValueError(f"{targets.shape[0]} targets for a batch of {batch} inputs")
+        # Check the targets against the likelihood's support whatever the global validation flags say (Pyro's
+        # path does it through its validation): a label outside the classes must fail, not index garbage.
+        model.likelihood.distribution(out)._validate_sample(targets)
         log_lik = (model.likelihood.log_prob(out, targets) * (model.dataset_size / batch)).sum()  # as the plate
-        return -(log_lik + self._log_prior(values) - log_q)
+        kl_weight = model.kl_weight  # β: -E[log p(y|θ)] + β (log q(θ) - log p(θ)), as the scaled Pyro sites
+        return -(log_lik + kl_weight * (self._log_prior(values) - log_q))
 
     def differentiable_loss(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         """The negative ELBO estimate, averaged over ``num_particles`` draws, as a differentiable scalar."""

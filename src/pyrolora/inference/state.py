@@ -18,6 +18,7 @@ __all__ = ["load_state", "save_state"]
 
 _GUIDE = "guide."
 _HEAD = "head."
+_PRIOR = "prior."
 
 
 def _sites(model: BayesianLoraModel) -> str:
@@ -35,6 +36,8 @@ def save_state(path: str | Path, model: BayesianLoraModel, guide: nn.Module) -> 
         tensors[_GUIDE + key] = value.detach().to("cpu").contiguous().clone()
     for key, value in model.head_state().items():
         tensors[_HEAD + key] = value.detach().to("cpu").contiguous().clone()
+    for key, value in model.prior_state().items():  # a fitted prior (empirical Bayes) travels with the run
+        tensors[_PRIOR + key] = value.detach().to("cpu").contiguous().clone()
     metadata = {"sites": _sites(model), "guide_class": type(guide).__name__, "format": "pyrolora-state-1"}
     save_file(tensors, str(path), metadata=metadata)
 
@@ -67,6 +70,13 @@ def load_state(path: str | Path, model: BayesianLoraModel, guide: nn.Module) -> 
     setup(guide, model)
     guide_state = {k[len(_GUIDE) :]: v for k, v in tensors.items() if k.startswith(_GUIDE)}
     head_state = {k[len(_HEAD) :]: v for k, v in tensors.items() if k.startswith(_HEAD)}
+    prior_state = {k[len(_PRIOR) :]: v for k, v in tensors.items() if k.startswith(_PRIOR)}
+    if set(prior_state) != set(model.prior_state()):
+        raise RunFolderError(
+            f"{path} holds fitted prior parameters {sorted(prior_state)} but the model's prior has "
+            f"{sorted(model.prior_state())}; rebuild the model with the run's prior."
+        )
+    model.load_prior_state(prior_state)
     try:
         guide.load_state_dict(guide_state, strict=True)
     except RuntimeError as err:

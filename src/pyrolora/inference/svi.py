@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO
 from torch import nn
 from tqdm.auto import tqdm
@@ -25,7 +26,7 @@ from pyrolora.inference.lean import LeanELBO, supports
 from pyrolora.inference.precision import Precision, autocast, compiled_outputs
 from pyrolora.models import BayesianLoraModel
 
-__all__ = ["FitResult", "fit", "make_schedule"]
+__all__ = ["FitResult", "fit", "kl_annealing", "make_schedule"]
 
 Schedule = Literal["cosine", "linear", "constant"]
 
@@ -87,6 +88,39 @@ def _num_batches(data: Iterable[Any]) -> int | None:
         return None
 
 
+def kl_annealing(warmup: float, final: float = 1.0) -> Callable[[int, int], float]:
+    """A KL-annealing schedule for :func:`fit`'s ``kl_weight``: β rises linearly from 0 to ``final``.
+
+    Args:
+        warmup: length of the rise, a fraction of all steps if < 1, else a number of steps.
+        final: β after the rise (1 gives the ELBO).
+
+    Returns:
+        ``schedule(step, num_steps) -> β`` with ``β = final · min(1, (step + 1) / warmup_steps)``.
+    """
+    if not (math.isfinite(warmup) and warmup > 0):
+        raise ConfigError(f"the KL warm-up must be positive, got {warmup!r}.")
+    if not (math.isfinite(final) and final > 0):
+        raise ConfigError(f"the final KL weight must be > 0, got {final!r}.")
+
+    def schedule(step: int, num_steps: int) -> float:
+        steps = max(1, round(warmup * num_steps) if warmup < 1 else int(warmup))
+        return final * min(1.0, (step + 1) / steps)
+
+    return schedule
+
+
+def _kl_schedule(kl_weight: float | Callable[[int, int], float]) -> Callable[[int, int], float]:
+    if callable(kl_weight):
+        return kl_weight
+    if isinstance(kl_weight, bool) or not isinstance(kl_weight, int | float) or not math.isfinite(kl_weight):
+        raise ConfigError(f"kl_weight must be a number > 0 or a schedule (step, num_steps) -> β, got {kl_weight!r}.")
+    if kl_weight <= 0:
+        raise ConfigError(f"kl_weight must be > 0 (Pyro scales log densities by positive factors), got {kl_weight!r}.")
+    value = float(kl_weight)
+    return lambda step, num_steps: value
+
+
 def fit(
     model: BayesianLoraModel,
     guide: nn.Module,
@@ -108,6 +142,7 @@ def fit(
     precision: Precision = "float32",
     compile: bool | dict[str, Any] = False,
     lean: bool = True,
+    kl_weight: float | Callable[[int, int], float] = 1.0,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume_from: str | Path | None = None,
@@ -147,6 +182,11 @@ def fit(
             split into the cores instead of Pyro's per-site tracing. Same values and gradients; ``False``
             forces Pyro's path.
 
+        kl_weight: β, the weight of the KL term: each step minimises
+            ``-E_q[log p(y | θ)] + β · E_q[log q(θ) - log p(θ)]`` (the ELBO at β = 1). A number, or a schedule
+            ``kl_weight(step, num_steps) -> β > 0`` such as :func:`kl_annealing` (β rising towards 1). β = T is the
+            same optimum as tempering the likelihood to ``p(y | θ)^(1/T)`` (the objective times 1/T), so
+            ``kl_weight`` < 1 is a "cold" posterior, > 1 a warm one. Not available under torchrun.
         checkpoint_dir: if given, write ``checkpoint.safetensors`` there (atomically) every ``checkpoint_every``
             steps and after the last: guide, head, optimizer, scheduler, RNG states and data position
             (see :mod:`pyrolora.inference.checkpoint`).
@@ -186,6 +226,9 @@ def fit(
         # The DDP wrapper averages gradients around the Pyro ELBO; the lean step bypasses it, so it is not used.
         lean = False
 
+    beta = _kl_schedule(kl_weight)
+    if distributed.is_distributed() and kl_weight != 1.0:
+        raise ConfigError("kl_weight other than 1 is not supported under torchrun; train with kl_weight=1.")
     check_local(guide)
     result = FitResult(dataset_size=model.dataset_size)
     # In a distributed job every process holds the same state: only the main process writes checkpoints.
@@ -197,6 +240,7 @@ def fit(
             scope.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
             torch.manual_seed(seed)
         scope.callback(model.eval)
+        scope.callback(setattr, model, "kl_weight", 1.0)  # prediction and diagnostics use the plain model
         model.train()
         stream = BatchStream(data, num_steps)
         batch = next(stream)
@@ -205,12 +249,13 @@ def fit(
             guide(inputs, targets)  # autoguides create their parameters on first call
         guide_params = [p for p in guide.parameters() if p.requires_grad]
         head_params = model.head_parameters()
-        groups = [{"params": guide_params, "lr": lr, "weight_decay": 0.0}]
+        # an empirical-Bayes prior's parameters climb the same ELBO at the guide's learning rate
+        groups = [{"params": guide_params + model.prior_parameters(), "lr": lr, "weight_decay": 0.0}]
         if head_params:
             groups.append({"params": head_params, "lr": head_lr, "weight_decay": head_weight_decay})
         optimizer = torch.optim.AdamW(groups)
         scheduler = make_schedule(optimizer, schedule, warmup_steps, num_steps)
-        params = guide_params + head_params
+        params = guide_params + model.prior_parameters() + head_params
         context = autocast(precision, device)
         compiled = compiled_outputs(model, compile)
         lean_elbo = None
@@ -240,11 +285,14 @@ def fit(
             if step:
                 inputs, targets = split_batch(to_device(next(stream), device))
             optimizer.zero_grad(set_to_none=True)
+            model.kl_weight = beta(step, num_steps)
             try:
                 if lean_elbo is not None and targets is not None:
                     value = lean_elbo.differentiable_loss(inputs, targets)
                 else:
-                    value = elbo.differentiable_loss(pyro_model, guide, inputs, targets)
+                    # β scales log q(θ) as the model scales log p(θ) (distributed runs keep β = 1)
+                    weighted = guide if model.kl_weight == 1.0 else poutine.scale(guide, scale=model.kl_weight)
+                    value = elbo.differentiable_loss(pyro_model, weighted, inputs, targets)
             except ValueError as err:
                 if "found invalid values" not in str(err):
                     raise

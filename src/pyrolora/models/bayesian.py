@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import pyro
 import torch
+from pyro import poutine
 from torch import nn
 
 from pyrolora.adapters import HEAD_MODULE_NAMES, AdapterSet
@@ -96,6 +98,8 @@ class BayesianLoraModel(nn.Module):
         self.backbone = backbone
         self.adapters = adapters
         self.prior = pri.resolve(prior)
+        #: β, the weight of the KL term in the ELBO; set per step by :func:`pyrolora.fit` (``kl_weight``).
+        self.kl_weight = 1.0
         self.likelihood = likelihood if likelihood is not None else lik.Categorical()
         if not isinstance(self.likelihood, lik.Likelihood):
             raise ConfigError(f"likelihood must be a pyrolora Likelihood, got {type(self.likelihood).__name__}.")
@@ -161,10 +165,28 @@ class BayesianLoraModel(nn.Module):
 
         A prior with latent hyperparameters (a ``sample_hyperparameters(site_names)`` method) samples them first.
         """
-        hyper = getattr(self.prior, "sample_hyperparameters", None)
-        if hyper is not None:
-            hyper(tuple(self.adapters.shapes))
-        return {name: pyro.sample(name, self.prior(name, shape)) for name, shape in self.adapters.shapes.items()}
+        with contextlib.ExitStack() as stack:
+            if self.kl_weight != 1.0:  # β of the KL term (see :func:`pyrolora.fit`): scales log p(θ) here
+                stack.enter_context(poutine.scale(scale=self.kl_weight))
+            hyper = getattr(self.prior, "sample_hyperparameters", None)
+            if hyper is not None:
+                hyper(tuple(self.adapters.shapes))
+            return {name: pyro.sample(name, self.prior(name, shape)) for name, shape in self.adapters.shapes.items()}
+
+    def prior_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the prior (e.g. :class:`~pyrolora.models.priors.EmpiricalBayes`'s log σ)."""
+        return [p for p in self.prior.parameters() if p.requires_grad]
+
+    def prior_state(self) -> dict[str, torch.Tensor]:
+        """The prior's trainable parameters keyed by their name in the prior module (saved with a run)."""
+        return {n: p.detach() for n, p in self.prior.named_parameters() if p.requires_grad}
+
+    def load_prior_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what :meth:`prior_state` returned."""
+        own = dict(self.prior.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
 
     def outputs(self, inputs: Inputs, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The backbone's output tensor (e.g. logits (B, C)) with every R set to ``values[site]``."""

@@ -30,6 +30,7 @@ from pyrolora.errors import ConfigError
 
 __all__ = [
     "DEFAULT_SCALE",
+    "EmpiricalBayes",
     "Fixed",
     "Hierarchical",
     "IsotropicNormal",
@@ -79,6 +80,30 @@ class IsotropicNormal(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale.item():g}, loc={self.loc.item():g}"
+
+
+class EmpiricalBayes(IsotropicNormal):
+    """``R_ij ~ N(loc, σ²)`` with σ fitted by maximising the ELBO (type-II maximum likelihood, "empirical Bayes").
+
+    ``log σ`` is an ``nn.Parameter``: :func:`pyrolora.fit` trains it with the guide's learning rate, so the
+    objective is ``max_{q, σ} E_q[log p(y | θ)] - KL(q(θ) || N(loc, σ² I))``. For a Gaussian q with mean μ and
+    covariance Σ over D latents the optimal σ² for fixed q is ``(||μ - loc||² + tr Σ) / D``. The fitted σ is saved
+    with the run. Unlike :class:`Hierarchical` it is a point estimate, so it adds no latent site.
+
+    Args:
+        scale: the initial σ. Default 0.1.
+        loc: prior mean of each entry (fixed).
+    """
+
+    def __init__(self, scale: float = DEFAULT_SCALE, loc: float = 0.0) -> None:
+        nn.Module.__init__(self)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(_positive(scale, "prior scale"))))
+        self.register_buffer("loc", torch.tensor(float(loc)))
+
+    @property  # type: ignore[override]
+    def scale(self) -> torch.Tensor:
+        """σ = exp(log σ), differentiable."""
+        return self.log_scale.exp()
 
 
 class Fixed(nn.Module):
