@@ -48,10 +48,11 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="*", default=None, help="guide names to keep")
     parser.add_argument("--out", default="zoo_vader.json")
+    parser.add_argument("--model", default=None, help="backbone name or folder (default: the packaged MiniLM)")
     args = parser.parse_args()
     config = RunConfig.from_dict(
         {
-            "model": {"max_length": 16},
+            "model": {"max_length": 16, **({"name": args.model} if args.model else {})},
             "adapters": {"rank": args.rank, "target_modules": args.targets},
             "train": {"epochs": args.epochs, "batch_size": 32, "lr": 1e-2, "head_lr": 3e-3, "seed": 0},
         }
@@ -80,6 +81,8 @@ def main() -> None:
         metrics = evaluate(run, "test").metrics
         rows[label] = {"final_loss": result.final_loss, "train_seconds": seconds, **metrics}
         print(label, json.dumps({k: round(v, 4) for k, v in rows[label].items() if isinstance(v, float)}), flush=True)
+        with open(args.out, "w", encoding="utf-8") as handle:  # after every row: a cut-short run keeps its rows
+            json.dump(rows, handle, indent=2)
     print("| prior and guide | final loss / N | acc | ECE | NLL | train s |")
     print("|---|---|---|---|---|---|")
     for label, m in rows.items():

@@ -88,7 +88,11 @@ def load_sequence_classifier(name: str, num_labels: int, seed: int = 0) -> nn.Mo
     with _quiet_transformers(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=num_labels)
+            # float32 whatever the checkpoint stores: transformers 5 keeps a float16 file in float16, and the
+            # adapters, the guide and the likelihood expect float32 (bf16 autocast is a fit/predict option).
+            model = AutoModelForSequenceClassification.from_pretrained(
+                resolve_model(name), num_labels=num_labels, dtype=torch.float32
+            )
         except OSError as err:
             raise ConfigError(
                 f"cannot load model {name!r}: {err}. Give a local folder, or a hub id on a machine with hub access."
