@@ -1,7 +1,7 @@
 """End to end on the real all-MiniLM-L6-v2 weights and the real VADER task, at reduced size.
 
-The full demo trains several epochs per method; here each method trains half an epoch (83 steps), which
-is enough for the head and adapters to beat the majority-class rate by more than 10 points, and every
+The full demo trains several epochs per method; here each method trains one epoch (83 steps at the demo's
+batch of 64), which is enough for the head and adapters to beat the majority-class rate by more than 10 points, and every
 artefact the demo writes is checked. The saved runs are then loaded back and must predict identically,
 and the CLI is run once.
 """
@@ -23,7 +23,7 @@ MAJORITY_RATE = 0.555  # share of negative entries in the lexicon (4,173 of 7,52
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory, real_model_threads):
     out = tmp_path_factory.mktemp("demo")
-    config = DEMO_CONFIG.replace(train={"epochs": 0.5}, predict={"num_samples": 4})
+    config = DEMO_CONFIG.replace(train={"epochs": 1.0}, predict={"num_samples": 4})
     summary = run_demo(out, config=config, progress=False)
     return out, summary
 

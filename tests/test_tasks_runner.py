@@ -92,7 +92,8 @@ def test_confidence_intervals_match_their_textbook_values():
 
 
 @pytest.mark.slow
-def test_benchmark_grid_runs_end_to_end_at_tiny_size(tmp_path):
+def test_benchmark_grid_runs_end_to_end_at_tiny_size(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("PYROLORA_DATA", str(data_dir))  # the grid's workers find the data through the variable
     bench = benchmark_module()
     report = bench.main(
         ["--size", "tiny", "--tasks", "sst2,arc_easy", "--seeds", "2", "--device", "cpu", "--out", str(tmp_path)]
