@@ -1,8 +1,8 @@
 """End to end on the real all-MiniLM-L6-v2 weights and the real VADER task, at reduced size.
 
 The full demo trains several epochs per method; here each method trains one epoch (83 steps at the demo's
-batch of 64), which is enough for the head and adapters to beat the majority-class rate by more than 10 points, and every
-artefact the demo writes is checked. The saved runs are then loaded back and must predict identically,
+batch of 64), which is enough for the head and adapters to beat the majority-class rate by more than 10
+points, and every artefact the demo writes is checked. The saved runs are then loaded back and must predict identically,
 and the CLI is run once.
 """
 
