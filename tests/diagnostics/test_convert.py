@@ -161,3 +161,35 @@ def test_nuts_chains_feed_every_group_and_match_the_exact_posterior(monkeypatch)
     sd = cov.diagonal().sqrt()
     # posterior mean within 5 MC standard errors (ESS ≥ 100 of 300 draws): 5 sd / sqrt(100)
     assert ((theta.mean(0) - mean).abs() / sd < 0.5).all()
+
+
+@pytest.mark.parametrize("name", ["swag", "nuts", "laplace"])
+def test_swag_nuts_and_laplace_give_every_group(name):
+    from pyrolora import fit_posterior
+
+    model, data = _setup()
+    options = {
+        "swag": {"rank": 4, "frequency": 1},
+        "nuts": {"num_chains": 2, "num_samples": 6, "warmup_steps": 4, "max_tree_depth": 2},
+        "laplace": {},
+    }[name]
+    guide = guides.make(name, model, **options)
+    fit_posterior(model, guide, data, num_steps=12, progress=False, seed=0)
+    if name == "nuts":  # the sampler's own chains, kept apart so that R-hat sees them
+        draws = guide.chain_samples()
+        assert all(v.shape == (2, 6, 2, 2) for v in draws.values())
+        idata = to_inference_data(model, guide, data, draws=draws)
+        shape = (2, 6)
+    else:  # guide draws through sample_latents, split into two chains
+        idata = to_inference_data(model, guide, data, num_samples=10, num_chains=2)
+        shape = (2, 10)
+    assert {"posterior", "log_likelihood", "posterior_predictive", "observed_data"} <= set(idata.groups())
+    for site in model.site_names:
+        assert idata.posterior[site].dims == ("chain", "draw", "row", "col")
+        assert idata.posterior[site].shape == (*shape, 2, 2)
+        # a posterior, not a point: the draws of every site spread (the MAP would give a spread of exactly 0)
+        assert idata.posterior[site].values.std() > 1e-6
+    assert idata.log_likelihood["obs"].shape == (*shape, 20)
+    assert np.isfinite(idata.log_likelihood["obs"].values).all()
+    assert idata.posterior_predictive["obs"].shape == (*shape, 20)
+    np.testing.assert_array_equal(idata.observed_data["obs"].values, torch.cat([t for _, t in data]).numpy())
