@@ -32,7 +32,6 @@ def kernel_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PYROLORA_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     src = str(ROOT / "src")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))
     return KERNEL
