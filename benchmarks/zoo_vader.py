@@ -20,9 +20,9 @@ import argparse
 import json
 import time
 
-from pyrolora import fit_posterior, guides, priors
+from pyrolora import guides, priors
 from pyrolora.config import RunConfig
-from pyrolora.experiment import build, evaluate, load_task
+from pyrolora.experiment import build, evaluate, fit_run, load_task
 
 #: (label, prior, guide name, guide options): each row differs from the first in one or two arguments.
 CASES = [
@@ -65,18 +65,8 @@ def main() -> None:
         run = build(config, splits)
         run.model.prior = priors.resolve(prior)  # one line: the prior
         run.guide = guides.make(guide_name, run.model, **options)  # one line: the posterior family
-        t = config.train
         start = time.perf_counter()
-        result = fit_posterior(
-            run.model,
-            run.guide,
-            run.loader("train", shuffle=True),
-            num_epochs=t.epochs,
-            lr=t.lr,
-            head_lr=t.head_lr,
-            seed=t.seed,
-            progress=False,
-        )
+        result = fit_run(run, progress=False)  # the family's own procedure, with [train]'s settings
         seconds = time.perf_counter() - start
         metrics = evaluate(run, "test").metrics
         rows[label] = {"final_loss": result.final_loss, "train_seconds": seconds, **metrics}

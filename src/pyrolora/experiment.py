@@ -206,6 +206,32 @@ def _training_logger(run: Run, log_dir: str | Path | None) -> Any:
     )
 
 
+def fit_run(run: Run, *, progress: bool = True, **extra: Any) -> FitResult:
+    """Fit a built run's guide and head with the ``[train]`` settings of its config on its ``train`` split.
+
+    Runs the guide family's whole procedure (:func:`~pyrolora.inference.posterior.fit_posterior`: SVI for
+    variational guides; MAP then Hessian, collection or chains for laplace, swag and nuts). ``extra`` goes to
+    :func:`pyrolora.fit` (callback, checkpoints, precision, ...).
+    """
+    t = run.config.train
+    return fit_posterior(
+        run.model,
+        run.guide,
+        run.loader("train", shuffle=True),
+        num_epochs=t.epochs,
+        lr=t.lr,
+        head_lr=t.head_lr,
+        warmup=t.warmup,
+        schedule=t.schedule,
+        clip_norm=t.clip_norm,
+        num_particles=t.num_particles,
+        seed=t.seed,
+        progress=progress,
+        kl_weight=t.kl_schedule(),
+        **extra,
+    )
+
+
 def train(
     config: RunConfig,
     *,
@@ -228,23 +254,11 @@ def train(
     run = build(config, splits)
     if distributed.is_distributed():  # under torchrun: one device per process (cuda:LOCAL_RANK on a GPU machine)
         run.model.to(distributed.device())
-    t = config.train
     logger = _training_logger(run, log_dir)
-    run.fit_result = fit_posterior(  # SVI for variational guides; MAP + Hessian/collection/chains for the others
-        run.model,
-        run.guide,
-        run.loader("train", shuffle=True),
-        num_epochs=t.epochs,
-        lr=t.lr,
-        head_lr=t.head_lr,
-        warmup=t.warmup,
-        schedule=t.schedule,
-        clip_norm=t.clip_norm,
-        num_particles=t.num_particles,
-        seed=t.seed,
+    run.fit_result = fit_run(
+        run,
         progress=progress,
         callback=logger,
-        kl_weight=t.kl_schedule(),
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         resume_from=resume_from,

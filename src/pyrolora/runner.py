@@ -23,8 +23,8 @@ import torch
 from pyrolora.baselines import count_numel, inject_peft_lora, mc_dropout, predict_point, train_peft_lora
 from pyrolora.config import RunConfig
 from pyrolora.evaluation import metrics
-from pyrolora.experiment import Run, _write_json, build, load_task, save_run
-from pyrolora.inference import fit, predict
+from pyrolora.experiment import Run, _write_json, build, fit_run, load_task, save_run
+from pyrolora.inference import predict
 
 __all__ = ["classification_metrics", "fit_and_predict", "run_method"]
 
@@ -57,21 +57,7 @@ def _fit_bayesian(
     run = build(config, splits)
     run.model.to(device)
     autocast_backbone(run.model.backbone, device, autocast)
-    t = config.train
-    run.fit_result = fit(
-        run.model,
-        run.guide,
-        run.loader("train", shuffle=True),
-        num_epochs=t.epochs,
-        lr=t.lr,
-        head_lr=t.head_lr,
-        warmup=t.warmup,
-        schedule=t.schedule,
-        clip_norm=t.clip_norm,
-        num_particles=t.num_particles,
-        seed=t.seed,
-        progress=progress,
-    )
+    run.fit_result = fit_run(run, progress=progress)  # the guide family's whole procedure (swag, laplace, ...)
     return run
 
 
