@@ -188,7 +188,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         autocast=torch.bfloat16 if job["autocast"] else None,
     )
     result = {k: v for k, v in job.items() if k != "config"}
-    result.update({k: v for k, v in out.items() if not k.endswith("probs")})
+    result.update({k: v for k, v in out.items() if not k.endswith(("probs", "samples"))})
     result["probs"] = {k: v.numpy().tolist() for k, v in out["probs"].items()}
     if "mc_dropout_probs" in out:
         result["mc_dropout_probs"] = {k: v.numpy().tolist() for k, v in out["mc_dropout_probs"].items()}

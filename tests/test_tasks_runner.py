@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pyrolora.cli import app
@@ -154,3 +155,48 @@ def test_cli_trains_multiple_choice_and_evaluates_on_another_task(tmp_path, data
     assert metrics["num_examples"] == 20 and 0 <= metrics["accuracy"] <= 1  # max_eval of the run's config
     wrong = runner.invoke(app, ["evaluate", str(out), "--task", "sst2"], env={"PYROLORA_DATA": str(data_dir)})
     assert wrong.exit_code == 2 and "different kind of task" in wrong.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,guide", [("bayesian", "lowrank"), ("mc_dropout", "delta"), ("peft_lora", "delta")])
+def test_fit_and_predict_keeps_the_per_sample_probabilities_of_every_split_including_unlabelled_ones(
+    tmp_path, method, guide
+):
+    from pyrolora.config import RunConfig
+    from pyrolora.data.texts import unlabelled_split
+    from pyrolora.experiment import load_task
+    from pyrolora.runner import fit_and_predict
+
+    models = benchmark_module().prepare_models("tiny", tmp_path / "models", None, None, [])
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [f"{['good', 'bad'][i % 2]} film {i}\t{i % 2}\n" for i in range(40)]
+    (data / "train.tsv").write_text("text\tlabel\n" + "".join(rows), encoding="utf-8")
+    (data / "dev.tsv").write_text("text\tlabel\n" + "".join(rows[:10]), encoding="utf-8")
+    config = RunConfig.from_dict(
+        {
+            "model": {"name": models["bert"], "max_length": 16},
+            "task": {
+                "name": "tsv",
+                "path": str(data),
+                "text_columns": ["text"],
+                "label_column": "label",
+                "labels": ["0", "1"],
+            },
+            "adapters": {"rank": 2},
+            "guide": {"name": guide},
+            "train": {"epochs": 1, "batch_size": 16},
+            "predict": {"num_samples": 3},
+            "method": {"name": method, "lora_rank": 2, "lora_targets": ["query"]},
+        }
+    )
+    splits = load_task(config.task)
+    splits["shifted"] = unlabelled_split(["an unrelated sentence", "words"], splits["test"].label_names)
+    out = fit_and_predict(config, splits, device="cpu", progress=False)
+    expected_s = 1 if method == "peft_lora" else 3  # peft LoRA is one point estimate
+    for name, n in (("test", 10), ("shifted", 2)):
+        assert out["samples"][name].shape == (expected_s, n, 2)
+        # the mean over S is what the metrics use; the same tensor, so only float rounding may differ
+        torch.testing.assert_close(out["probs"][name], out["samples"][name].mean(0), rtol=0, atol=1e-7)
+    if method == "mc_dropout":  # different dropout masks give different predictions (the tiny BERT has p = 0.1)
+        assert (out["samples"]["test"].std(0) > 0).any()

@@ -62,9 +62,10 @@ def _fit_bayesian(
 
 
 def _predict_run(run: Run, split: str, *, dropout: bool = False) -> torch.Tensor:
+    """Per-sample probabilities (S, N, C) of ``split``: S posterior draws, or S dropout masks with ``dropout``."""
     p = run.config.predict
     with mc_dropout(run.model.backbone) if dropout else contextlib.nullcontext():
-        return predict(run.model, run.guide, run.loader(split), num_samples=p.num_samples, seed=0).mean
+        return predict(run.model, run.guide, run.loader(split), num_samples=p.num_samples, seed=0).probs
 
 
 def _bayesian_counts(run: Run) -> tuple[int, int]:
@@ -86,15 +87,18 @@ def fit_and_predict(
 ) -> dict[str, Any]:
     """Train one model of ``config`` (a guide by SVI, or peft LoRA) and predict every evaluation split.
 
-    Returns ``{"probs": {split: (N, C)}, "train_seconds", "predict_seconds", "trainable_params",
-    "stored_params"}``, plus ``"mc_dropout_probs"`` and ``"mc_dropout_predict_seconds"`` when
+    Returns ``{"probs": {split: (N, C)}, "samples": {split: (S, N, C)}, "train_seconds", "predict_seconds",
+    "trainable_params", "stored_params"}`` (``probs`` is the mean of ``samples`` over S; S = 1 for peft LoRA),
+    plus ``"mc_dropout_probs"``, ``"mc_dropout_samples"`` and ``"mc_dropout_predict_seconds"`` when
     ``also_mc_dropout`` (the same trained model predicted with dropout on: MC dropout costs no extra training).
+    Every split of ``splits`` except ``train`` and ``validation`` is predicted; labels are not needed for that,
+    so unlabelled shifted data (:func:`pyrolora.data.texts.unlabelled_split`) can be added as one more split.
     ``autocast`` (e.g. ``torch.bfloat16``) runs the backbone's forward in mixed precision.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = _eval_names(splits)
-    probs: dict[str, torch.Tensor] = {}
-    result: dict[str, Any] = {"predict_seconds": 0.0}
+    samples: dict[str, torch.Tensor] = {}
+    result: dict[str, Any] = {"predict_seconds": 0.0, "samples": samples}
     if config.method.name == "peft_lora":
         run = build(config.replace(guide={"name": "delta"}), splits)  # the backbone, tokenizer and loaders
         backbone = run.model.backbone
@@ -121,7 +125,7 @@ def fit_and_predict(
         )
         for name in names:
             start = time.perf_counter()
-            probs[name] = predict_point(backbone, run.loader(name))
+            samples[name] = predict_point(backbone, run.loader(name)).unsqueeze(0)  # (1, N, C)
             result["predict_seconds"] += time.perf_counter() - start
         result["trainable_params"] = result["stored_params"] = count_numel(lora) + count_numel(head)
         if out is not None:
@@ -131,7 +135,7 @@ def fit_and_predict(
             state = {n: p.detach().cpu().contiguous() for n, p in backbone.named_parameters() if p.requires_grad}
             save_file(state, str(Path(out) / "peft_lora.safetensors"))
             _write_json(Path(out) / "config.json", config.to_dict())
-        result["probs"] = probs
+        result["probs"] = {name: s.mean(0) for name, s in samples.items()}
         return result
     run = _fit_bayesian(config, splits, device, progress, autocast)
     assert run.fit_result is not None
@@ -139,13 +143,15 @@ def fit_and_predict(
     dropout_only = config.method.name == "mc_dropout"
     for name in names:
         start = time.perf_counter()
-        probs[name] = _predict_run(run, name, dropout=dropout_only)
+        samples[name] = _predict_run(run, name, dropout=dropout_only)
         result["predict_seconds"] += time.perf_counter() - start
     if also_mc_dropout and not dropout_only:
         start = time.perf_counter()
-        result["mc_dropout_probs"] = {name: _predict_run(run, name, dropout=True) for name in names}
+        result["mc_dropout_samples"] = {name: _predict_run(run, name, dropout=True) for name in names}
+        result["mc_dropout_probs"] = {name: s.mean(0) for name, s in result["mc_dropout_samples"].items()}
         result["mc_dropout_predict_seconds"] = time.perf_counter() - start
     result["trainable_params"], result["stored_params"] = _bayesian_counts(run)
+    probs = {name: s.mean(0) for name, s in samples.items()}
     if out is not None:
         n_bins = config.predict.n_bins
         run.metrics = {n: classification_metrics(probs[n], splits[n].labels, n_bins) for n in names}
@@ -178,9 +184,10 @@ def run_method(
             member_out = None if out is None else Path(out) / f"member-{member}"
             members.append(fit_and_predict(member_config, splits, device=device, progress=progress, out=member_out))
         done = {
-            "probs": {n: torch.stack([m["probs"][n] for m in members]).mean(0) for n in names},
-            **{k: sum(m[k] for m in members) for k in members[0] if k != "probs"},
+            "samples": {n: torch.stack([m["probs"][n] for m in members]) for n in names},  # (M, N, C)
+            **{k: sum(m[k] for m in members) for k in members[0] if k not in ("probs", "samples")},
         }
+        done["probs"] = {n: s.mean(0) for n, s in done["samples"].items()}
         if out is not None:
             _write_json(Path(out) / "config.json", config.to_dict())
     else:
