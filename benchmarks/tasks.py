@@ -7,12 +7,16 @@ Methods (same runner, data pipeline, metrics; see ``pyrolora.runner``):
     mc_dropout  the LoRA-XS MAP models above, predicted with dropout on (S masks); costs no extra training
     ensemble    deep ensemble of 5 LoRA-XS MAP models (ensemble j averages the MAP runs with seeds j..j+4)
     blora_xs    B-LoRA-XS: SVI with the low-rank-plus-diagonal guide (K = 2), BMA over S = 15 samples
-    <guide>     any other registered guide name (e.g. ``swag`` once it is registered) as a Bayesian method
+    swag        B-LoRA-XS with the paper's posterior: SWAG (K = 20 deviation columns, collection from half-way
+                through MAP training, the guide's default collection frequency), BMA over S = 15 samples
+    <guide>     any other registered guide name as a Bayesian method (its default options)
 
 Tasks: ``sst2``, ``rte``, ``cola`` (all-MiniLM-L6-v2) and ``arc_easy`` / ``arc_challenge`` / ``openbookqa``
 (SmolLM2-135M scoring options by mean token log-likelihood). ``--size full`` is the GPU setting: MiniLM on a
 2,000-row SST-2 subset for 10 epochs (the long-training regime where MAP gets overconfident), all of RTE, CoLA
 on 2,000 rows; SmolLM2 on 500 ARC-Easy questions for 3 epochs, evaluated on all 570 dev questions. ``--size
+long`` (SST-2 only) is the paper's long-training regime: 4,000 SST-2 rows for 20 epochs, everything else as
+``full``, where LoRA-XS MAP is expected to become overconfident. ``--size
 tiny`` builds tiny random models (seconds per job, for the test); ``--size small`` is a CPU-sized real run.
 Jobs run in parallel processes (``--workers``), seed-major, and none starts after ``--deadline`` seconds; each
 finished job is appended to ``jobs.jsonl``; ``results.json`` and ``table.md`` are written at the end.
@@ -36,6 +40,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,7 +55,17 @@ METHOD_LABELS = {
     "mc_dropout": "MC dropout (on LoRA-XS MAP)",
     "ensemble": "deep ensemble (LoRA-XS MAP)",
     "blora_xs": "B-LoRA-XS (lowrank K=2)",
+    "swag": "B-LoRA-XS SWAG (paper's posterior)",
 }
+DEFAULT_METHODS = "lora,lora_xs,mc_dropout,ensemble,blora_xs"
+#: the guide of each Bayesian method (options beyond these are the guide's defaults)
+GUIDES = {
+    "blora_xs": {"name": "lowrank", "options": {"rank": 2}},
+    "swag": {"name": "swag", "options": {"rank": 20, "start": 0.5}},
+}
+#: the job kind (first field of a run's key) of each Bayesian method
+KINDS = {"blora_xs": "lowrank", "swag": "swag"}
+SIZES = ("tiny", "small", "full", "long")
 ENCODER_TASKS = ("sst2", "rte", "cola")
 QA_TASKS = ("arc_easy", "arc_challenge", "openbookqa")
 METRICS = ("accuracy", "ece", "nll", "brier", "mcc")
@@ -59,6 +74,11 @@ METRICS = ("accuracy", "ece", "nll", "brier", "mcc")
 def task_config(task: str, size: str, models: dict[str, str]) -> dict[str, Any]:
     """The run configuration (as nested dicts) of ``task`` at ``size``; seed and guide are set per job."""
     qa = task in QA_TASKS
+    if size == "long":  # the paper's long-training regime; defined for SST-2 only
+        if task != "sst2":
+            raise ValueError(f"--size long is defined for sst2 only, not {task!r}; use --size full for {task}.")
+        config = task_config(task, "full", models)
+        return {**config, "task": {**config["task"], "max_train": 4000}, "train": {**config["train"], "epochs": 20}}
     if size == "tiny":
         adapters = {"rank": 4, "target_modules": ["q_proj", "v_proj"] if qa else ["query", "value", "output.dense"]}
         return {
@@ -162,8 +182,13 @@ def prepare_models(size: str, folder: Path, minilm: str | None, smollm2: str | N
     return models
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """One training run (in a worker process): probabilities on every evaluation split, times, counts."""
+def run_job(job: dict[str, Any], splits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One training run (in a worker process): probabilities on every evaluation split, times, counts.
+
+    ``splits`` (default: the configured task's) may hold extra unlabelled splits, which are predicted too. With
+    ``job["keep_samples"]`` the result also holds the per-sample probabilities (S, N, C) of every split as
+    float32 arrays, under ``samples`` (and ``mc_dropout_samples``).
+    """
     import torch
 
     torch.set_num_threads(job["threads"])
@@ -175,7 +200,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from pyrolora.runner import fit_and_predict
 
     config = RunConfig.from_dict(job["config"])
-    splits = load_task(config.task)
+    splits = load_task(config.task) if splits is None else splits
     start = time.perf_counter()
     device = job["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 autocast of the backbone on the GPU (as in the prototype); guide, ELBO and likelihood stay in float32
@@ -192,6 +217,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     result["probs"] = {k: v.numpy().tolist() for k, v in out["probs"].items()}
     if "mc_dropout_probs" in out:
         result["mc_dropout_probs"] = {k: v.numpy().tolist() for k, v in out["mc_dropout_probs"].items()}
+    if job.get("keep_samples"):
+        for key in ("samples", "mc_dropout_samples"):
+            if key in out:
+                result[key] = {k: v.float().numpy() for k, v in out[key].items()}
     result["wall_seconds"] = time.perf_counter() - start
     return result
 
@@ -211,8 +240,9 @@ def make_jobs(args: argparse.Namespace, models: dict[str, str]) -> list[dict[str
             plan += [("lora", s, {"method": {**base["method"], "name": "peft_lora"}}, False) for s in seeds]
         if wants & {"lora_xs", "mc_dropout", "ensemble"}:
             plan += [("delta", s, {"guide": {"name": "delta"}}, mc and s < args.seeds) for s in map_seeds]
-        if "blora_xs" in wants:
-            plan += [("lowrank", s, {"guide": {"name": "lowrank", "options": {"rank": 2}}}, False) for s in seeds]
+        for method in ("blora_xs", "swag"):
+            if method in wants:
+                plan += [(KINDS[method], s, {"guide": GUIDES[method]}, False) for s in seeds]
         for guide in sorted(wants - set(METHOD_LABELS)):
             plan += [(guide, s, {"guide": {"name": guide}}, False) for s in seeds]
         for kind, seed, change, with_mc in plan:
@@ -283,7 +313,7 @@ def summarize(args: argparse.Namespace, done: list[dict[str, Any]], labels: dict
                 keys = [[("delta", s + i) for i in range(size)] for s in range(args.seeds)]
                 members[method] = [[runs[k] for k in ks] for ks in keys if all(k in runs for k in ks)]
             else:
-                kind = "lowrank" if method == "blora_xs" else method
+                kind = KINDS.get(method, method)
                 members[method] = [[runs[(kind, s)]] for s in range(args.seeds) if (kind, s) in runs]
         for method, groups in members.items():
             if not groups or (method == "mc_dropout" and task in QA_TASKS):
@@ -345,11 +375,63 @@ def table(rows: dict[str, dict[str, Any]], split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def execute(
+    jobs: list[dict[str, Any]],
+    workers: int,
+    deadline: float | None,
+    log: Path,
+    started: float,
+    worker: Callable[[dict[str, Any]], dict[str, Any]] = run_job,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``worker`` on every job (``workers`` spawned processes, or in this process for 0), in order.
+
+    No job starts after ``deadline`` seconds from ``started``. Each finished job is appended (without its
+    probabilities and per-sample arrays) to the JSONL file ``log`` and handed to ``on_result`` at once, so a run
+    that is cut short keeps what it finished. Returns the finished jobs' results in order of completion.
+    """
+    done: list[dict[str, Any]] = []
+    log.write_text("", encoding="utf-8")
+
+    def finish(result: dict[str, Any]) -> None:
+        done.append(result)
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({k: v for k, v in result.items() if not k.endswith(("probs", "samples"))}) + "\n")
+        if on_result is not None:
+            on_result(result)
+        print(
+            f"[{len(done)}/{len(jobs)}] {result['task']} {result['kind']} seed {result['seed']}: "
+            f"{result['wall_seconds']:.0f} s ({time.perf_counter() - started:.0f} s total)",
+            flush=True,
+        )
+
+    def in_time() -> bool:
+        return deadline is None or time.perf_counter() - started < deadline
+
+    if workers:
+        context = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            queue = list(jobs)
+            running = {pool.submit(worker, queue.pop(0)) for _ in range(min(workers, len(queue)))}
+            while running:
+                finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    finish(future.result())
+                    if queue and in_time():
+                        running.add(pool.submit(worker, queue.pop(0)))
+    else:
+        for job in jobs:
+            if not in_time():
+                break
+            finish(worker(job))
+    return done
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=("tiny", "small", "full"), default="full")
+    parser.add_argument("--size", choices=SIZES, default="full", help="long: SST-2 only, 4,000 rows x 20 epochs")
     parser.add_argument("--tasks", default="sst2,rte,cola,arc_easy", type=lambda s: s.split(","))
-    parser.add_argument("--methods", default="lora,lora_xs,mc_dropout,ensemble,blora_xs", type=lambda s: s.split(","))
+    parser.add_argument("--methods", default=DEFAULT_METHODS, type=lambda s: s.split(","), help="add swag for SWAG")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="parallel worker processes; 0 runs in this process")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per job")
@@ -367,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [m for m in args.methods if m not in METHOD_LABELS and m not in guides.available()]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {[*METHOD_LABELS, *guides.available()]}")
+    if args.size == "long" and args.tasks != ["sst2"]:
+        parser.error(f"--size long is the paper's long SST-2 regime: use it with --tasks sst2, not {args.tasks}")
     started = time.perf_counter()
     if args.autocast is None:
         import torch
@@ -383,39 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         labels[task] = {k: v.labels for k, v in splits.items() if k not in ("train", "validation")}
     jobs = make_jobs(args, models)
     print(f"{len(jobs)} jobs, {args.workers or 1} at a time; models {models}", flush=True)
-    done: list[dict[str, Any]] = []
-    log = args.out / "jobs.jsonl"
-    log.write_text("", encoding="utf-8")
-
-    def finish(result: dict[str, Any]) -> None:
-        done.append(result)
-        with open(log, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({k: v for k, v in result.items() if not k.endswith("probs")}) + "\n")
-        print(
-            f"[{len(done)}/{len(jobs)}] {result['task']} {result['kind']} seed {result['seed']}: "
-            f"{result['wall_seconds']:.0f} s ({time.perf_counter() - started:.0f} s total)",
-            flush=True,
-        )
-
-    def in_time() -> bool:
-        return args.deadline is None or time.perf_counter() - started < args.deadline
-
-    if args.workers:
-        context = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-            queue = list(jobs)
-            running = {pool.submit(run_job, queue.pop(0)) for _ in range(min(args.workers, len(queue)))}
-            while running:
-                finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for future in finished:
-                    finish(future.result())
-                    if queue and in_time():
-                        running.add(pool.submit(run_job, queue.pop(0)))
-    else:
-        for job in jobs:
-            if not in_time():
-                break
-            finish(run_job(job))
+    done = execute(jobs, args.workers, args.deadline, args.out / "jobs.jsonl", started)
     if len(done) < len(jobs):
         print(f"deadline: {len(jobs) - len(done)} jobs not run; the table uses the seeds that finished", flush=True)
     rows = summarize(args, done, labels)

@@ -24,9 +24,11 @@ def benchmark_module():
 
 def test_every_shipped_config_is_valid():
     files = sorted((ROOT / "configs").glob("*.toml"))
-    assert len(files) == 27  # 6 tasks x 5 methods, minus MC dropout on the three QA tasks (Llama has no dropout)
+    # 6 tasks x 6 methods (the sixth: SWAG), minus MC dropout on the three QA tasks (Llama has no dropout)
+    assert len(files) == 33
     methods = {load_config(f).method.name for f in files}
     assert methods == {"bayesian", "mc_dropout", "ensemble", "peft_lora"}
+    assert {load_config(f).guide.name for f in files if f.stem.endswith("-swag")} == {"swag"}
 
 
 @pytest.mark.slow
@@ -98,9 +100,8 @@ def test_confidence_intervals_match_their_textbook_values():
 def test_benchmark_grid_runs_end_to_end_at_tiny_size(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("PYROLORA_DATA", str(data_dir))  # the grid's workers find the data through the variable
     bench = benchmark_module()
-    report = bench.main(
-        ["--size", "tiny", "--tasks", "sst2,arc_easy", "--seeds", "2", "--device", "cpu", "--out", str(tmp_path)]
-    )
+    args = ["--size", "tiny", "--tasks", "sst2,arc_easy", "--seeds", "2", "--device", "cpu", "--out", str(tmp_path)]
+    report = bench.main([*args, "--methods", ",".join(bench.METHOD_LABELS)])  # every method, SWAG included
     rows = report["rows"]
     expected = {f"sst2/{m}" for m in bench.METHOD_LABELS} | {
         f"arc_easy/{m}" for m in bench.METHOD_LABELS if m != "mc_dropout"
@@ -114,6 +115,7 @@ def test_benchmark_grid_runs_end_to_end_at_tiny_size(tmp_path, data_dir, monkeyp
         assert rows[f"{task}/ensemble"]["stored_params"] == 2 * delta  # tiny ensembles have 2 members
         assert rows[f"{task}/mc_dropout"]["stored_params"] == delta if task == "sst2" else True
         assert rows[f"{task}/blora_xs"]["stored_params"] > delta  # lowrank stores μ, L (K = 2) and d
+        assert rows[f"{task}/swag"]["stored_params"] > delta  # SWAG stores the mean, second moment and deviations
     table = (tmp_path / "table.md").read_text()
     assert table.count("\n") == 2 + len(rows) and " ± " in table  # header, separator, one line per row
     assert json.loads((tmp_path / "results.json").read_text())["size"] == "tiny"

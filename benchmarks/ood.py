@@ -1,0 +1,411 @@
+"""Uncertainty under distribution shift, every method, in one run: one Markdown table and one JSON file.
+
+For each *shift pair* (in-distribution evaluation split, shifted data) every method is trained once per seed on
+the in-distribution task, predicts both splits as per-sample probabilities (S, N, C), and
+:func:`pyrolora.evaluation.uncertainty.uncertainty_report` turns them into the uncertainty decomposition (total
+entropy H, expected entropy, mutual information MI), selective prediction (AURC of each score), OOD detection
+(AUROC and AUPR-Out of each score, the shifted data positive) and, on VADER, the Spearman correlation of each score
+with the human raters' disagreement.
+
+Shift pairs (``--pairs``):
+
+    vader_sst2    VADER test words (human rater distributions)  vs 500 SST-2 dev sentences (seeded subset, seed 0)
+    sst2_cola     SST-2 dev                                      vs CoLA out-of-domain dev sentences (raw file)
+    cola_in_out   CoLA in-domain dev (trained on CoLA train)     vs CoLA out-of-domain dev (labels ignored)
+    arc_obqa      ARC-Easy dev (SmolLM2 scoring the options)     vs OpenBookQA dev questions (labels ignored)
+
+Methods (``--methods``; the same runner as ``benchmarks/tasks.py``): ``lora`` (peft LoRA r = 8, a point
+estimate, as a reference), ``lora_xs`` (LoRA-XS MAP, ``delta``), ``mc_dropout`` (the MAP models predicted with
+S dropout masks; left out, with the reason printed, where the backbone has no dropout layer, e.g. Llama),
+``ensemble`` (5 MAP models: the per-sample probabilities are the members' probabilities), ``blora_xs``
+(``lowrank`` K = 2) and ``swag`` (SWAG, the paper's posterior). A point estimate has MI exactly 0, so its MI
+scores are constant: AUROC 0.5 and no rank correlation ("–").
+
+Sizes: ``tiny`` (tiny random models, for the test), ``small`` (real models, CPU-sized), ``full`` (the GPU
+setting: the training budgets of ``benchmarks/tasks.py --size full``, VADER for 4 epochs). With two or more
+seeds every cell is mean ± t(0.975, n-1)·sd/√n over seeds; with one seed, the value alone.
+
+Outputs under ``--out``: ``table.md`` (one table: every pair x method), ``results.json`` (every score of every
+seed, the curves and the configs), ``jobs.jsonl`` (one line per finished training run) and ``samples/*.npz``
+(the per-sample probabilities of each run, written as it finishes); ``--summarize-only`` rebuilds the table from
+those files, e.g. after a run that was cut short.
+
+Example (GPU)::
+
+    PYROLORA_DATA=/path/to/shared/data python benchmarks/ood.py --size full --seeds 1 --workers 8 \\
+        --minilm /path/to/minilm --smollm2 /path/to/SmolLM2-135M-Instruct.Q4_1.gguf --out /tmp/ood
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (str(ROOT / "src"), str(ROOT)):  # run from a checkout without installing; `benchmarks` importable
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from benchmarks import tasks as grid  # noqa: E402  (after the path set-up)
+
+PAIRS = {
+    "vader_sst2": ("VADER test", "SST-2 dev sentences"),
+    "sst2_cola": ("SST-2 dev", "CoLA out-of-domain dev"),
+    "cola_in_out": ("CoLA in-domain dev", "CoLA out-of-domain dev"),
+    "arc_obqa": ("ARC-Easy dev", "OpenBookQA dev"),
+}
+#: the task each pair trains on (as known to ``benchmarks/tasks.py``) and its in-distribution split
+PAIR_TASK = {"vader_sst2": "sst2", "sst2_cola": "sst2", "cola_in_out": "cola", "arc_obqa": "arc_easy"}
+IN_SPLIT = {"vader_sst2": "test", "sst2_cola": "test", "cola_in_out": "in_domain", "arc_obqa": "test"}
+SHIFTED = "shifted"
+METHODS = ("lora", "lora_xs", "mc_dropout", "ensemble", "blora_xs", "swag")
+#: shifted examples per pair (None: the whole file); VADER's in-distribution rows at the smaller sizes
+SHIFT_LIMIT = {"tiny": 24, "small": 100, "full": None}
+VADER_ROWS = {"tiny": (40, 24), "small": (400, 200), "full": (None, None)}  # (train, test)
+#: the table's columns: (JSON path in a report, header); H = total predictive entropy, MI = mutual information
+COLUMNS = (
+    (("accuracy",), "acc"),
+    (("scores", "entropy", "aurc"), "AURC H ↓"),
+    (("scores", "mutual_information", "aurc"), "AURC MI ↓"),
+    (("scores", "entropy", "auroc"), "AUROC H ↑"),
+    (("scores", "mutual_information", "auroc"), "AUROC MI ↑"),
+    (("scores", "entropy", "aupr_out"), "AUPR-Out H ↑"),
+    (("scores", "mutual_information", "aupr_out"), "AUPR-Out MI ↑"),
+    (("scores", "entropy", "spearman_human_disagreement"), "ρ raters H ↑"),
+    (("scores", "mutual_information", "spearman_human_disagreement"), "ρ raters MI ↑"),
+    (("decomposition", "in", "total_entropy"), "H in"),
+    (("decomposition", "out", "total_entropy"), "H shifted"),
+    (("decomposition", "in", "mutual_information"), "MI in"),
+    (("decomposition", "out", "mutual_information"), "MI shifted"),
+)
+
+
+def pair_config(pair: str, size: str, models: dict[str, str]) -> dict[str, Any]:
+    """The run configuration of ``pair``: that of its task in ``benchmarks/tasks.py``, VADER's adapted."""
+    config = grid.task_config(PAIR_TASK[pair], size, models)
+    if pair != "vader_sst2":
+        return config
+    train_rows, test_rows = VADER_ROWS[size]
+    return {
+        **config,
+        # VADER words are short; 64 tokens keep the shifted SST-2 sentences whole at full size
+        "model": {**config["model"], "max_length": 64 if size == "full" else 32},
+        "task": {"name": "vader", "max_train": train_rows, "max_eval": test_rows},
+        "train": {**config["train"], "epochs": {"tiny": 1, "small": 2, "full": 4}[size]},
+    }
+
+
+def _subsample(split: Any, size: int | None) -> Any:
+    if size is None or size >= len(split):
+        return split
+    return split.subset(np.sort(np.random.default_rng(0).permutation(len(split))[:size]))
+
+
+def pair_splits(pair: str, config: Any, size: str) -> dict[str, Any]:
+    """``train``, ``validation``, the in-distribution split and the shifted split ``"shifted"`` of ``pair``.
+
+    Only these are predicted. Shifted data carry no labels that are used (placeholders or ignored ones).
+    """
+    from pyrolora.data.mcqa import load_mcqa_jsonl
+    from pyrolora.data.tasks import data_root
+    from pyrolora.data.texts import load_texts, unlabelled_split
+    from pyrolora.experiment import load_task
+
+    splits = load_task(config.task)
+    limit = SHIFT_LIMIT[size]
+    inside = IN_SPLIT[pair]
+    if pair == "vader_sst2":  # the VADER loader has fixed splits: subsample them here at the smaller sizes
+        splits["train"] = _subsample(splits["train"], config.task.max_train)
+        splits[inside] = _subsample(splits[inside], config.task.max_eval)
+    root = data_root(config.task.data_dir)
+    names = splits[inside].label_names
+    if pair == "vader_sst2":
+        shifted = unlabelled_split(load_texts(root / "glue/sst2/dev.tsv", limit=limit or 500, seed=0)[0], names)
+    elif pair == "sst2_cola":  # CoLA's raw files are headerless: source, label, original label, sentence
+        shifted = unlabelled_split(
+            load_texts(root / "glue/cola/raw/out_of_domain_dev.tsv", column=3, limit=limit)[0], names
+        )
+    elif pair == "cola_in_out":
+        shifted = _subsample(splits["out_of_domain"], limit)
+    else:  # OpenBookQA questions with as many option slots as ARC-Easy's (padded options get probability 0)
+        shifted = _subsample(load_mcqa_jsonl(root / "mcqa/openbookqa/dev.jsonl"), limit)
+        shifted = shifted.with_num_options(splits[inside].num_options)
+    return {"train": splits["train"], "validation": splits["validation"], inside: splits[inside], SHIFTED: shifted}
+
+
+def run_pair_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One training run of a pair (in a worker process): ``benchmarks/tasks.py``'s job on the pair's splits."""
+    from pyrolora.config import RunConfig
+
+    return grid.run_job(job, splits=pair_splits(job["pair"], RunConfig.from_dict(job["config"]), job["size"]))
+
+
+def mc_dropout_problem(config: dict[str, Any], splits: dict[str, Any]) -> str | None:
+    """Why MC dropout cannot run on this configuration's backbone (no dropout layer), or None when it can."""
+    from pyrolora.baselines import mc_dropout
+    from pyrolora.config import RunConfig
+    from pyrolora.errors import ConfigError
+    from pyrolora.experiment import build
+
+    run = build(RunConfig.from_dict({**config, "guide": {"name": "delta"}}), splits)
+    try:
+        with mc_dropout(run.model.backbone):
+            return None
+    except ConfigError as err:
+        return str(err)
+
+
+def make_jobs(args: argparse.Namespace, configs: dict[str, dict], with_mc: dict[str, bool]) -> list[dict[str, Any]]:
+    """Every training run: per pair and seed, one per method; MAP runs serve LoRA-XS, MC dropout and ensembles."""
+    jobs = []
+    wants = set(args.methods)
+    for pair in args.pairs:
+        base = configs[pair]
+        size = base["method"]["ensemble_size"]
+        seeds = list(range(args.seeds))
+        map_seeds = seeds + (list(range(args.seeds, args.seeds + size - 1)) if "ensemble" in wants else [])
+        plan: list[tuple[str, int, dict[str, Any]]] = []
+        if "lora" in wants:
+            plan += [("lora", s, {"method": {**base["method"], "name": "peft_lora"}}) for s in seeds]
+        if wants & {"lora_xs", "mc_dropout", "ensemble"}:
+            plan += [("delta", s, {"guide": {"name": "delta"}}) for s in map_seeds]
+        for method in ("blora_xs", "swag"):
+            if method in wants:
+                plan += [(grid.KINDS[method], s, {"guide": grid.GUIDES[method]}) for s in seeds]
+        for kind, seed, change in plan:
+            mc = kind == "delta" and with_mc[pair] and seed < args.seeds
+            predict = base["predict"]
+            if kind == "delta" and not mc:  # a point mass: S draws would be S identical copies
+                predict = {**predict, "num_samples": 1}
+            config = {**base, **change, "train": {**base["train"], "seed": seed}, "predict": predict}
+            jobs.append(
+                {"pair": pair, "task": pair, "kind": kind, "seed": seed, "config": config, "mc_dropout": mc,
+                 "keep_samples": True, "size": args.size, "device": args.device, "threads": args.threads,
+                 "autocast": args.autocast}
+            )  # fmt: skip
+    # round-major, as in benchmarks/tasks.py: a run cut short by --deadline keeps every method's first seeds
+    members = configs[args.pairs[0]]["method"]["ensemble_size"] if "ensemble" in wants else 1
+    rank = {"lora": 0, "delta": 1, "lowrank": 2, "swag": 3}
+    return sorted(
+        jobs,
+        key=lambda j: (
+            max(0, j["seed"] - members + 1) if j["kind"] == "delta" else j["seed"],
+            PAIR_TASK[j["pair"]] not in grid.QA_TASKS,  # the slowest runs first within a round: SmolLM2's,
+            -rank.get(j["kind"], 4),  # then the Bayesian ones
+            args.pairs.index(j["pair"]),
+            j["seed"],
+        ),
+    )
+
+
+def _sample_file(out: Path, result: dict[str, Any]) -> Path:
+    return out / "samples" / f"{result['pair']}-{result['kind']}-{result['seed']}.npz"
+
+
+def save_samples(out: Path, result: dict[str, Any]) -> None:
+    """The per-sample probabilities of one finished run, as ``samples/<pair>-<kind>-<seed>.npz``."""
+    arrays = {
+        f"{key}/{split}": v for key in ("samples", "mc_dropout_samples") for split, v in result.get(key, {}).items()
+    }
+    path = _sample_file(out, result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.npz")
+    np.savez_compressed(temporary, **arrays)
+    temporary.replace(path)
+
+
+def load_results(out: Path) -> list[dict[str, Any]]:
+    """The finished runs of ``out/jobs.jsonl`` with their per-sample probabilities from ``out/samples``."""
+    results = []
+    for line in (out / "jobs.jsonl").read_text(encoding="utf-8").splitlines():
+        result = json.loads(line)
+        with np.load(_sample_file(out, result)) as arrays:
+            for name in arrays.files:
+                key, split = name.split("/", 1)
+                result.setdefault(key, {})[split] = arrays[name]
+        results.append(result)
+    return results
+
+
+def method_samples(method: str, pair: str, seed: int, runs: dict, members: int) -> tuple | None:
+    """(in-distribution, shifted) per-sample probabilities of ``method``'s model of ``seed``, or None if missing."""
+    inside = IN_SPLIT[pair]
+    if method == "ensemble":
+        group = [runs.get(("delta", seed + i)) for i in range(members)]
+        if any(g is None for g in group):
+            return None
+        return tuple(np.stack([np.asarray(g["samples"][s]).mean(0) for g in group]) for s in (inside, SHIFTED))
+    kind = {"lora_xs": "delta", "mc_dropout": "delta"}.get(method, grid.KINDS.get(method, method))
+    run = runs.get((kind, seed))
+    field = "mc_dropout_samples" if method == "mc_dropout" else "samples"
+    if run is None or field not in run:
+        return None
+    return np.asarray(run[field][inside]), np.asarray(run[field][SHIFTED])
+
+
+def _get(report: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    value: Any = report
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return None if value is None else float(value)
+
+
+def summarize(
+    args: argparse.Namespace, done: list[dict[str, Any]], evals: dict[str, dict[str, Any]], configs: dict
+) -> dict[str, dict[str, Any]]:
+    """Per pair and method: the uncertainty report of every seed, and each table column's mean and 95% interval."""
+    from pyrolora.evaluation.uncertainty import uncertainty_report
+
+    rows: dict[str, dict[str, Any]] = {}
+    for pair in args.pairs:
+        runs = {(d["kind"], d["seed"]): d for d in done if d["pair"] == pair}
+        split = evals[pair]
+        members = configs[pair]["method"]["ensemble_size"]
+        for method in args.methods:
+            reports = []
+            for seed in range(args.seeds):
+                found = method_samples(method, pair, seed, runs, members)
+                if found is not None:
+                    reports.append(
+                        uncertainty_report(found[0], split.labels, ood_probs=found[1], human_probs=split.human_probs)
+                    )
+            if not reports:
+                continue
+            cells = {}
+            for path, header in COLUMNS:
+                values = [v for v in (_get(r, path) for r in reports) if v is not None]
+                if values:
+                    mean, half = grid.interval(values)
+                    cells[header] = {"mean": mean, "ci95": None if np.isnan(half) else half, "n": len(values)}
+            rows[f"{pair}/{method}"] = {
+                "pair": pair,
+                "method": method,
+                "num_seeds": len(reports),
+                "cells": cells,
+                "per_seed": reports,
+            }
+    return rows
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one row per pair and method, every column mean ± 95% half-width over seeds ("–": undefined)."""
+
+    def cell(c: dict[str, Any] | None, digits: int) -> str:
+        if c is None:
+            return "–"
+        return f"{c['mean']:.{digits}f}" + ("" if c["ci95"] is None else f" ± {c['ci95']:.{digits}f}")
+
+    headers = [h for _, h in COLUMNS]
+    lines = [
+        "| pair (in vs shifted) | method | seeds | " + " | ".join(headers) + " |",
+        "|---|---|---|" + "---:|" * len(headers),
+    ]
+    for row in rows.values():
+        inside, shifted = PAIRS[row["pair"]]
+        label = grid.METHOD_LABELS.get(row["method"], row["method"])
+        digits = {h: 4 if h.startswith("MI ") else 3 for h in headers}
+        values = " | ".join(cell(row["cells"].get(h), digits[h]) for h in headers)
+        lines.append(f"| {inside} vs {shifted} | {label} | {row['num_seeds']} | {values} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("tiny", "small", "full"), default="full")
+    parser.add_argument("--pairs", default=",".join(PAIRS), type=lambda s: s.split(","))
+    parser.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="parallel worker processes; 0 runs in this process")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per job")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--minilm", default=None, help="MiniLM folder (default $PYROLORA_MINILM or the package)")
+    parser.add_argument("--smollm2", default=None, help="SmolLM2 .gguf or folder (default $PYROLORA_SMOLLM2)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ood"))
+    parser.add_argument("--deadline", type=float, default=None, help="start no job after this many seconds")
+    parser.add_argument("--summarize-only", action="store_true", help="rebuild the table from --out's saved runs")
+    parser.add_argument(
+        "--autocast", action=argparse.BooleanOptionalAction, default=None, help="bf16 (default: on GPU)"
+    )
+    args = parser.parse_args(argv)
+    bad = [p for p in args.pairs if p not in PAIRS] + [m for m in args.methods if m not in METHODS]
+    if bad:
+        parser.error(f"unknown pair(s) or method(s) {bad}; pairs {list(PAIRS)}, methods {list(METHODS)}")
+    started = time.perf_counter()
+    if args.autocast is None:
+        import torch
+
+        args.autocast = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    tasks = [PAIR_TASK[p] for p in args.pairs]
+    models = grid.prepare_models(args.size, args.out / "_models", args.minilm, args.smollm2, tasks)
+    from pyrolora.config import RunConfig
+
+    configs = {p: pair_config(p, args.size, models) for p in args.pairs}
+    evals, num_shifted, with_mc, skipped = {}, {}, {}, {}
+    for pair in args.pairs:
+        splits = pair_splits(pair, RunConfig.from_dict(configs[pair]), args.size)
+        evals[pair] = splits[IN_SPLIT[pair]]
+        num_shifted[pair] = len(splits[SHIFTED])
+        problem = mc_dropout_problem(configs[pair], splits) if "mc_dropout" in args.methods else None
+        with_mc[pair] = "mc_dropout" in args.methods and problem is None
+        if problem is not None:
+            skipped[f"{pair}/mc_dropout"] = problem
+            print(f"{pair}: no MC dropout row: {problem}", flush=True)
+    if args.summarize_only:
+        done = load_results(args.out)
+        jobs = done
+    else:
+        jobs = make_jobs(args, configs, with_mc)
+        print(f"{len(jobs)} jobs, {args.workers or 1} at a time; models {models}", flush=True)
+        done = grid.execute(
+            jobs,
+            args.workers,
+            args.deadline,
+            args.out / "jobs.jsonl",
+            started,
+            worker=run_pair_job,
+            on_result=lambda result: save_samples(args.out, result),
+        )
+        if len(done) < len(jobs):
+            print(f"deadline: {len(jobs) - len(done)} jobs not run; the table uses the runs that finished", flush=True)
+    rows = summarize(args, done, evals, configs)
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "device": grid._device_name(args.device),
+        "size": args.size,
+        "total_seconds": time.perf_counter() - started,
+        "jobs_planned": len(jobs),
+        "jobs_finished": len(done),
+        "pairs": {
+            p: {"in": PAIRS[p][0], "shifted": PAIRS[p][1], "num_in": len(evals[p]), "num_shifted": num_shifted[p]}
+            for p in args.pairs
+        },
+        "skipped": skipped,
+        "train_seconds": {f"{d['pair']}/{d['kind']}/{d['seed']}": d["train_seconds"] for d in done},
+        "configs": configs,
+        "rows": rows,
+    }
+    markdown = table(rows)
+    (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (args.out / "table.md").write_text(markdown + "\n", encoding="utf-8")
+    print(markdown)
+    for key, why in skipped.items():
+        print(f"\nleft out {key}: {why}")
+    print(f"\n{report['device']}, {report['total_seconds']:.0f} s; wrote {args.out / 'table.md'} and results.json")
+    return report
+
+
+if __name__ == "__main__":
+    main()

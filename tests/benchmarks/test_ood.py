@@ -1,0 +1,81 @@
+"""The OOD / uncertainty benchmark: every shift pair and method in one run, at tiny size on the CPU."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import ood
+
+
+def test_ensemble_and_mc_dropout_probabilities_come_from_the_right_runs():
+    rng = np.random.default_rng(0)
+
+    def probs(s, n=4, c=3):
+        p = rng.random((s, n, c)) + 0.1
+        return p / p.sum(-1, keepdims=True)
+
+    runs = {
+        ("delta", seed): {"samples": {"test": probs(1), "shifted": probs(1)}} for seed in range(4)
+    }  # MAP runs with S = 1
+    runs[("delta", 0)]["mc_dropout_samples"] = {"test": probs(5), "shifted": probs(5)}
+    inside, shifted = ood.method_samples("ensemble", "sst2_cola", 1, runs, members=3)
+    # ensemble of seed 1 = MAP seeds 1, 2, 3 stacked as its samples (M = 3), in that order
+    assert inside.shape == (3, 4, 3) and shifted.shape == (3, 4, 3)
+    np.testing.assert_array_equal(inside[2], runs[("delta", 3)]["samples"]["test"][0])
+    assert ood.method_samples("ensemble", "sst2_cola", 2, runs, members=3) is None  # seed 4 has not run
+    mc = ood.method_samples("mc_dropout", "sst2_cola", 0, runs, members=3)
+    np.testing.assert_array_equal(mc[1], runs[("delta", 0)]["mc_dropout_samples"]["shifted"])
+    assert ood.method_samples("mc_dropout", "sst2_cola", 1, runs, members=3) is None  # no dropout passes there
+    assert ood.method_samples("swag", "sst2_cola", 0, runs, members=3) is None
+
+
+def test_the_shifted_cola_sentences_are_the_fourth_column_of_the_raw_file(data_dir, monkeypatch):
+    from pyrolora.config import RunConfig
+
+    monkeypatch.setenv("PYROLORA_DATA", str(data_dir))
+    models = {"minilm": "minilm"}  # only the task part of the configuration is used here
+    splits = ood.pair_splits("sst2_cola", RunConfig.from_dict(ood.pair_config("sst2_cola", "full", models)), "full")
+    with (data_dir / "glue/cola/raw/out_of_domain_dev.tsv").open(encoding="utf-8", newline="") as handle:
+        rows = [r for r in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
+    assert splits["shifted"].texts == tuple(r[3].strip() for r in rows)  # headerless: every row is a sentence
+    assert set(splits) == {"train", "validation", "test", "shifted"}  # only in-distribution and shifted predicted
+
+
+@pytest.mark.slow
+# the tiny size caps inputs at 32 tokens; truncating the few longer shifted sentences is intended there
+@pytest.mark.filterwarnings("ignore::pyrolora.errors.TruncationWarning")
+def test_every_pair_and_method_in_one_run_at_tiny_size(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("PYROLORA_DATA", str(data_dir))
+    report = ood.main(["--size", "tiny", "--seeds", "2", "--device", "cpu", "--out", str(tmp_path)])
+    rows = report["rows"]
+    # the tiny Llama has no dropout layer, so MC dropout is left out there, with the reason
+    assert set(report["skipped"]) == {"arc_obqa/mc_dropout"} and "dropout" in report["skipped"]["arc_obqa/mc_dropout"]
+    assert set(rows) == {f"{p}/{m}" for p in ood.PAIRS for m in ood.METHODS} - {"arc_obqa/mc_dropout"}
+    # samples per model: peft LoRA is one point estimate, the tiny ensemble has 2 members, and MC dropout,
+    # B-LoRA-XS and SWAG draw the tiny size's S = 3; the MAP predicts one draw, except where its run also makes
+    # the MC-dropout passes (the encoder pairs), which predict S = 3 (identical) draws of the point mass
+    expected_s = {"lora": 1, "ensemble": 2, "mc_dropout": 3, "blora_xs": 3, "swag": 3}
+    for key, row in rows.items():
+        assert row["num_seeds"] == 2 and len(row["per_seed"]) == 2
+        first = row["per_seed"][0]
+        map_s = 1 if row["pair"] == "arc_obqa" else 3
+        assert first["num_samples"] == expected_s.get(row["method"], map_s), key
+        assert first["num_examples"] == 24 and first["num_ood_examples"] == 24  # the tiny size's limits
+        assert row["cells"]["acc"]["ci95"] is not None  # two seeds: a t-interval
+        assert 0 <= row["cells"]["AUROC H ↑"]["mean"] <= 1
+        if row["method"] in ("lora", "lora_xs"):
+            # a point estimate has no epistemic part: MI exactly 0, a constant score, so AUROC exactly 0.5
+            assert first["decomposition"]["in"]["mutual_information"] == 0.0
+            assert first["scores"]["mutual_information"]["auroc"] == 0.5
+        # rater disagreement exists only on VADER
+        has_raters = "spearman_human_disagreement" in first["scores"]["entropy"]
+        assert has_raters == (row["pair"] == "vader_sst2"), key
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("\n") == 2 + len(rows) and " ± " in table  # header, separator, one line per row
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["jobs_finished"] == saved["jobs_planned"] == 36  # 4 pairs x (2 LoRA, 3 MAP, 2 lowrank, 2 SWAG)
+    # the per-run files rebuild the same table without training again
+    again = ood.main(["--size", "tiny", "--seeds", "2", "--summarize-only", "--out", str(tmp_path)])
+    assert {k: r["cells"] for k, r in again["rows"].items()} == {k: r["cells"] for k, r in rows.items()}
