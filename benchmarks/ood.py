@@ -96,8 +96,8 @@ def pair_config(pair: str, size: str, models: dict[str, str]) -> dict[str, Any]:
     train_rows, test_rows = VADER_ROWS[size]
     return {
         **config,
-        # VADER words are short; 64 tokens keep the shifted SST-2 sentences whole at full size
-        "model": {**config["model"], "max_length": 64 if size == "full" else 32},
+        # VADER words are short; 64 tokens keep the shifted SST-2 sentences whole (tiny: 32, for speed)
+        "model": {**config["model"], "max_length": 32 if size == "tiny" else 64},
         "task": {"name": "vader", "max_train": train_rows, "max_eval": test_rows},
         "train": {**config["train"], "epochs": {"tiny": 1, "small": 2, "full": 4}[size]},
     }
@@ -179,7 +179,7 @@ def make_jobs(args: argparse.Namespace, configs: dict[str, dict], with_mc: dict[
             plan += [("delta", s, {"guide": {"name": "delta"}}) for s in map_seeds]
         for method in ("blora_xs", "swag"):
             if method in wants:
-                plan += [(grid.KINDS[method], s, {"guide": grid.GUIDES[method]}) for s in seeds]
+                plan += [(grid.KINDS[method], s, {"guide": grid.guide_of(method, args.swag_frequency)}) for s in seeds]
         for kind, seed, change in plan:
             mc = kind == "delta" and with_mc[pair] and seed < args.seeds
             predict = base["predict"]
@@ -300,10 +300,10 @@ def summarize(
 def table(rows: dict[str, dict[str, Any]]) -> str:
     """Markdown: one row per pair and method, every column mean ± 95% half-width over seeds ("–": undefined)."""
 
-    def cell(c: dict[str, Any] | None, digits: int) -> str:
+    def cell(c: dict[str, Any] | None, form: str) -> str:
         if c is None:
             return "–"
-        return f"{c['mean']:.{digits}f}" + ("" if c["ci95"] is None else f" ± {c['ci95']:.{digits}f}")
+        return f"{c['mean']:{form}}" + ("" if c["ci95"] is None else f" ± {c['ci95']:{form}}")
 
     headers = [h for _, h in COLUMNS]
     lines = [
@@ -313,8 +313,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     for row in rows.values():
         inside, shifted = PAIRS[row["pair"]]
         label = grid.METHOD_LABELS.get(row["method"], row["method"])
-        digits = {h: 4 if h.startswith("MI ") else 3 for h in headers}
-        values = " | ".join(cell(row["cells"].get(h), digits[h]) for h in headers)
+        values = " | ".join(cell(row["cells"].get(h), ".2e" if h.startswith("MI ") else ".3f") for h in headers)
         lines.append(f"| {inside} vs {shifted} | {label} | {row['num_seeds']} | {values} |")
     return "\n".join(lines)
 
@@ -332,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smollm2", default=None, help="SmolLM2 .gguf or folder (default $PYROLORA_SMOLLM2)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ood"))
     parser.add_argument("--deadline", type=float, default=None, help="start no job after this many seconds")
+    parser.add_argument(
+        "--swag-frequency", type=int, default=None, help="steps between SWAG collections (default: the guide's)"
+    )
     parser.add_argument("--summarize-only", action="store_true", help="rebuild the table from --out's saved runs")
     parser.add_argument(
         "--autocast", action=argparse.BooleanOptionalAction, default=None, help="bf16 (default: on GPU)"

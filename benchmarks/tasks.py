@@ -28,6 +28,9 @@ Example (GPU)::
 
     PYROLORA_DATA=/path/to/shared/data python benchmarks/tasks.py --size full --seeds 3 --workers 8 \\
         --minilm /path/to/minilm --smollm2 /path/to/SmolLM2-135M-Instruct.Q4_1.gguf --out benchmarks/results/tasks
+    # SWAG beside the default methods, in the paper's long SST-2 regime
+    PYROLORA_DATA=/path/to/shared/data python benchmarks/tasks.py --size long --tasks sst2 --seeds 3 --workers 8 \
+        --methods lora,lora_xs,mc_dropout,ensemble,blora_xs,swag --minilm /path/to/minilm --out /tmp/tasks-long
 """
 
 from __future__ import annotations
@@ -69,6 +72,14 @@ SIZES = ("tiny", "small", "full", "long")
 ENCODER_TASKS = ("sst2", "rte", "cola")
 QA_TASKS = ("arc_easy", "arc_challenge", "openbookqa")
 METRICS = ("accuracy", "ece", "nll", "brier", "mcc")
+
+
+def guide_of(method: str, swag_frequency: int | None = None) -> dict[str, Any]:
+    """The guide section of a Bayesian method's configuration; ``swag_frequency`` overrides SWAG's default."""
+    guide = GUIDES[method]
+    if method == "swag" and swag_frequency is not None:
+        return {**guide, "options": {**guide["options"], "frequency": swag_frequency}}
+    return guide
 
 
 def task_config(task: str, size: str, models: dict[str, str]) -> dict[str, Any]:
@@ -242,7 +253,7 @@ def make_jobs(args: argparse.Namespace, models: dict[str, str]) -> list[dict[str
             plan += [("delta", s, {"guide": {"name": "delta"}}, mc and s < args.seeds) for s in map_seeds]
         for method in ("blora_xs", "swag"):
             if method in wants:
-                plan += [(KINDS[method], s, {"guide": GUIDES[method]}, False) for s in seeds]
+                plan += [(KINDS[method], s, {"guide": guide_of(method, args.swag_frequency)}, False) for s in seeds]
         for guide in sorted(wants - set(METHOD_LABELS)):
             plan += [(guide, s, {"guide": {"name": guide}}, False) for s in seeds]
         for kind, seed, change, with_mc in plan:
@@ -440,6 +451,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smollm2", default=None, help="SmolLM2 .gguf or folder (default $PYROLORA_SMOLLM2)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tasks"))
     parser.add_argument("--deadline", type=float, default=None, help="start no job after this many seconds")
+    parser.add_argument(
+        "--swag-frequency", type=int, default=None, help="steps between SWAG collections (default: the guide's)"
+    )
     parser.add_argument(
         "--autocast", action=argparse.BooleanOptionalAction, default=None, help="bf16 (default: on GPU)"
     )

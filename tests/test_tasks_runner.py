@@ -202,3 +202,22 @@ def test_fit_and_predict_keeps_the_per_sample_probabilities_of_every_split_inclu
         torch.testing.assert_close(out["probs"][name], out["samples"][name].mean(0), rtol=0, atol=1e-7)
     if method == "mc_dropout":  # different dropout masks give different predictions (the tiny BERT has p = 0.1)
         assert (out["samples"]["test"].std(0) > 0).any()
+
+
+def test_the_long_size_is_the_full_sst2_setting_with_the_papers_rows_and_epochs():
+    bench = benchmark_module()
+    models = {"minilm": "m", "smollm2": "s"}
+    full, long = bench.task_config("sst2", "full", models), bench.task_config("sst2", "long", models)
+    assert long["task"]["max_train"] == 4000 and long["train"]["epochs"] == 20  # the paper's long-training regime
+    changed = {k for k in full if full[k] != long[k]}
+    assert changed == {"task", "train"}  # model, adapters, prior, predict and baselines as at full size
+    assert {k for k in full["train"] if full["train"][k] != long["train"][k]} == {"epochs"}
+    with pytest.raises(ValueError, match="sst2 only"):
+        bench.task_config("rte", "long", models)
+
+
+def test_swag_frequency_override_leaves_the_shipped_guide_options_alone():
+    bench = benchmark_module()
+    assert bench.guide_of("swag", 7)["options"] == {"rank": 20, "start": 0.5, "frequency": 7}
+    assert bench.guide_of("swag") == {"name": "swag", "options": {"rank": 20, "start": 0.5}}  # the guide's default
+    assert bench.guide_of("blora_xs", 7) == {"name": "lowrank", "options": {"rank": 2}}  # only SWAG has a frequency
