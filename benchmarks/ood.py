@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if problem is not None:
             skipped[f"{pair}/mc_dropout"] = problem
             print(f"{pair}: no MC dropout row: {problem}", flush=True)
+    failed: list[str] = []  # jobs that raised: the others go on, and the table uses what finished
     if args.summarize_only:
         done = load_results(args.out)
         jobs = done
@@ -377,7 +378,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             started,
             worker=run_pair_job,
             on_result=lambda result: save_samples(args.out, result),
+            on_error=lambda job, err: failed.append(f"{job['pair']} {job['kind']} seed {job['seed']}: {err!r}"),
         )
+        for line in failed:
+            print(f"FAILED {line}", flush=True)
         if len(done) < len(jobs):
             print(f"deadline: {len(jobs) - len(done)} jobs not run; the table uses the runs that finished", flush=True)
     rows = summarize(args, done, evals, configs)
@@ -395,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for p in args.pairs
         },
         "skipped": skipped,
+        "failed": failed,
         "train_seconds": {f"{d['pair']}/{d['kind']}/{d['seed']}": d["train_seconds"] for d in done},
         "configs": configs,
         "rows": rows,

@@ -394,12 +394,15 @@ def execute(
     started: float,
     worker: Callable[[dict[str, Any]], dict[str, Any]] = run_job,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_error: Callable[[dict[str, Any], BaseException], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``worker`` on every job (``workers`` spawned processes, or in this process for 0), in order.
 
     No job starts after ``deadline`` seconds from ``started``. Each finished job is appended (without its
     probabilities and per-sample arrays) to the JSONL file ``log`` and handed to ``on_result`` at once, so a run
-    that is cut short keeps what it finished. Returns the finished jobs' results in order of completion.
+    that is cut short keeps what it finished. A job that raises stops the run, unless ``on_error(job, error)``
+    is given: then the error is handed to it and the other jobs go on. Returns the finished jobs' results in
+    order of completion.
     """
     done: list[dict[str, Any]] = []
     log.write_text("", encoding="utf-8")
@@ -423,18 +426,35 @@ def execute(
         context = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
             queue = list(jobs)
-            running = {pool.submit(worker, queue.pop(0)) for _ in range(min(workers, len(queue)))}
+            submitted: dict[cf.Future, dict[str, Any]] = {}
+
+            def submit(job: dict[str, Any]) -> cf.Future:
+                started_job = pool.submit(worker, job)
+                submitted[started_job] = job
+                return started_job
+
+            running = {submit(queue.pop(0)) for _ in range(min(workers, len(queue)))}
             while running:
                 finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for future in finished:
-                    finish(future.result())
+                    try:
+                        finish(future.result())
+                    except Exception as err:
+                        if on_error is None:
+                            raise
+                        on_error(submitted[future], err)
                     if queue and in_time():
-                        running.add(pool.submit(worker, queue.pop(0)))
+                        running.add(submit(queue.pop(0)))
     else:
         for job in jobs:
             if not in_time():
                 break
-            finish(worker(job))
+            try:
+                finish(worker(job))
+            except Exception as err:
+                if on_error is None:
+                    raise
+                on_error(job, err)
     return done
 
 

@@ -221,3 +221,24 @@ def test_swag_frequency_override_leaves_the_shipped_guide_options_alone():
     assert bench.guide_of("swag", 7)["options"] == {"rank": 20, "start": 0.5, "frequency": 7}
     assert bench.guide_of("swag") == {"name": "swag", "options": {"rank": 20, "start": 0.5}}  # the guide's default
     assert bench.guide_of("blora_xs", 7) == {"name": "lowrank", "options": {"rank": 2}}  # only SWAG has a frequency
+
+
+def test_a_failing_job_is_reported_and_the_others_still_run(tmp_path):
+    bench = benchmark_module()
+    jobs = [{"task": "t", "kind": "k", "seed": s} for s in range(3)]
+
+    def worker(job):
+        if job["seed"] == 1:
+            raise RuntimeError("out of memory")
+        return {**job, "wall_seconds": 0.0, "probs": [0.5]}
+
+    errors = []
+    done = bench.execute(
+        jobs, 0, None, tmp_path / "jobs.jsonl", 0.0, worker, on_error=lambda j, e: errors.append((j, e))
+    )
+    assert [d["seed"] for d in done] == [0, 2]
+    assert errors[0][0]["seed"] == 1 and "out of memory" in str(errors[0][1])
+    lines = [json.loads(line) for line in (tmp_path / "jobs.jsonl").read_text().splitlines()]
+    assert [line["seed"] for line in lines] == [0, 2] and "probs" not in lines[0]  # the log leaves probabilities out
+    with pytest.raises(RuntimeError, match="out of memory"):  # without on_error a failure stops the run
+        bench.execute(jobs, 0, None, tmp_path / "jobs.jsonl", 0.0, worker)
