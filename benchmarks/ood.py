@@ -324,29 +324,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pairs", default=",".join(PAIRS), type=lambda s: s.split(","))
     parser.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=0, help="parallel worker processes; 0 runs in this process")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per job")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--minilm", default=None, help="MiniLM folder (default $PYROLORA_MINILM or the package)")
-    parser.add_argument("--smollm2", default=None, help="SmolLM2 .gguf or folder (default $PYROLORA_SMOLLM2)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ood"))
-    parser.add_argument("--deadline", type=float, default=None, help="start no job after this many seconds")
-    parser.add_argument(
-        "--swag-frequency", type=int, default=None, help="steps between SWAG collections (default: the guide's)"
-    )
     parser.add_argument("--summarize-only", action="store_true", help="rebuild the table from --out's saved runs")
-    parser.add_argument(
-        "--autocast", action=argparse.BooleanOptionalAction, default=None, help="bf16 (default: on GPU)"
-    )
+    grid.add_run_arguments(parser)
     args = parser.parse_args(argv)
+    grid.resolve_autocast(args)
     bad = [p for p in args.pairs if p not in PAIRS] + [m for m in args.methods if m not in METHODS]
     if bad:
         parser.error(f"unknown pair(s) or method(s) {bad}; pairs {list(PAIRS)}, methods {list(METHODS)}")
     started = time.perf_counter()
-    if args.autocast is None:
-        import torch
-
-        args.autocast = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
     tasks = [PAIR_TASK[p] for p in args.pairs]
     models = grid.prepare_models(args.size, args.out / "_models", args.minilm, args.smollm2, tasks)

@@ -458,18 +458,13 @@ def execute(
     return done
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=SIZES, default="full", help="long: SST-2 only, 4,000 rows x 20 epochs")
-    parser.add_argument("--tasks", default="sst2,rte,cola,arc_easy", type=lambda s: s.split(","))
-    parser.add_argument("--methods", default=DEFAULT_METHODS, type=lambda s: s.split(","), help="add swag for SWAG")
-    parser.add_argument("--seeds", type=int, default=3)
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of how jobs run, shared by every grid script: workers, devices, model files, deadline."""
     parser.add_argument("--workers", type=int, default=0, help="parallel worker processes; 0 runs in this process")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per job")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--minilm", default=None, help="MiniLM folder (default $PYROLORA_MINILM or the package)")
     parser.add_argument("--smollm2", default=None, help="SmolLM2 .gguf or folder (default $PYROLORA_SMOLLM2)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tasks"))
     parser.add_argument("--deadline", type=float, default=None, help="start no job after this many seconds")
     parser.add_argument(
         "--swag-frequency", type=int, default=None, help="steps between SWAG collections (default: the guide's)"
@@ -477,7 +472,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--autocast", action=argparse.BooleanOptionalAction, default=None, help="bf16 (default: on GPU)"
     )
+
+
+def resolve_autocast(args: argparse.Namespace) -> None:
+    """bf16 autocast by default exactly when the jobs run on a GPU."""
+    if args.autocast is None:
+        import torch
+
+        args.autocast = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=SIZES, default="full", help="long: SST-2 only, 4,000 rows x 20 epochs")
+    parser.add_argument("--tasks", default="sst2,rte,cola,arc_easy", type=lambda s: s.split(","))
+    parser.add_argument("--methods", default=DEFAULT_METHODS, type=lambda s: s.split(","), help="add swag for SWAG")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tasks"))
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
+    resolve_autocast(args)
     from pyrolora.inference import guides
 
     unknown = [m for m in args.methods if m not in METHOD_LABELS and m not in guides.available()]
@@ -486,10 +500,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.size == "long" and args.tasks != ["sst2"]:
         parser.error(f"--size long is the paper's long SST-2 regime: use it with --tasks sst2, not {args.tasks}")
     started = time.perf_counter()
-    if args.autocast is None:
-        import torch
-
-        args.autocast = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
     models = prepare_models(args.size, args.out / "_models", args.minilm, args.smollm2, args.tasks)
     from pyrolora.config import RunConfig
