@@ -66,6 +66,7 @@ PAIRS = {
 PAIR_TASK = {"vader_sst2": "sst2", "sst2_cola": "sst2", "cola_in_out": "cola", "arc_obqa": "arc_easy"}
 IN_SPLIT = {"vader_sst2": "test", "sst2_cola": "test", "cola_in_out": "in_domain", "arc_obqa": "test"}
 SHIFTED = "shifted"
+RUN_FILE = "run.json"  # what --summarize-only needs of a run: size, seeds, configs, rows left out and why
 METHODS = ("lora", "lora_xs", "mc_dropout", "ensemble", "blora_xs", "swag")
 #: shifted examples per pair (None: the whole file); VADER's in-distribution rows at the smaller sizes
 SHIFT_LIMIT = {"tiny": 24, "small": 100, "full": None}
@@ -325,7 +326,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ood"))
-    parser.add_argument("--summarize-only", action="store_true", help="rebuild the table from --out's saved runs")
+    parser.add_argument("--summarize-only", action="store_true", help="rebuild the table from saved runs, no training")
+    parser.add_argument(
+        "--merge",
+        type=lambda s: [Path(x) for x in s.split(",")],
+        default=None,
+        help="with --summarize-only: the --out folders of several runs (e.g. one per pair) to combine into --out",
+    )
     grid.add_run_arguments(parser)
     args = parser.parse_args(argv)
     grid.resolve_autocast(args)
@@ -334,26 +341,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"unknown pair(s) or method(s) {bad}; pairs {list(PAIRS)}, methods {list(METHODS)}")
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    tasks = [PAIR_TASK[p] for p in args.pairs]
-    models = grid.prepare_models(args.size, args.out / "_models", args.minilm, args.smollm2, tasks)
     from pyrolora.config import RunConfig
 
-    configs = {p: pair_config(p, args.size, models) for p in args.pairs}
-    evals, num_shifted, with_mc, skipped = {}, {}, {}, {}
+    if args.summarize_only:  # configs, skipped rows and seeds as the runs saved them
+        sources = args.merge or [args.out]
+        saved = [json.loads((d / RUN_FILE).read_text(encoding="utf-8")) for d in sources]
+        if {s["size"] for s in saved} != {args.size}:
+            parser.error(f"the saved runs have size(s) {sorted({s['size'] for s in saved})}, not --size {args.size}")
+        configs = {p: c for s in saved for p, c in s["configs"].items()}
+        skipped = {k: v for s in saved for k, v in s["skipped"].items()}
+        args.pairs = [p for p in args.pairs if p in configs]
+        args.seeds = max(s["seeds"] for s in saved)
+    else:
+        tasks = [PAIR_TASK[p] for p in args.pairs]
+        models = grid.prepare_models(args.size, args.out / "_models", args.minilm, args.smollm2, tasks)
+        configs = {p: pair_config(p, args.size, models) for p in args.pairs}
+        skipped = {}
+    evals, num_shifted, with_mc = {}, {}, {}
     for pair in args.pairs:
         splits = pair_splits(pair, RunConfig.from_dict(configs[pair]), args.size)
         evals[pair] = splits[IN_SPLIT[pair]]
         num_shifted[pair] = len(splits[SHIFTED])
-        problem = mc_dropout_problem(configs[pair], splits) if "mc_dropout" in args.methods else None
-        with_mc[pair] = "mc_dropout" in args.methods and problem is None
+        wants_mc = "mc_dropout" in args.methods and not args.summarize_only
+        problem = mc_dropout_problem(configs[pair], splits) if wants_mc else None
+        with_mc[pair] = wants_mc and problem is None
         if problem is not None:
             skipped[f"{pair}/mc_dropout"] = problem
             print(f"{pair}: no MC dropout row: {problem}", flush=True)
     failed: list[str] = []  # jobs that raised: the others go on, and the table uses what finished
     if args.summarize_only:
-        done = load_results(args.out)
+        done = [r for d in sources for r in load_results(d)]
         jobs = done
     else:
+        info = {"size": args.size, "seeds": args.seeds, "configs": configs, "skipped": skipped}
+        (args.out / RUN_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         jobs = make_jobs(args, configs, with_mc)
         print(f"{len(jobs)} jobs, {args.workers or 1} at a time; models {models}", flush=True)
         done = grid.execute(
@@ -386,7 +407,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "skipped": skipped,
         "failed": failed,
-        "train_seconds": {f"{d['pair']}/{d['kind']}/{d['seed']}": d["train_seconds"] for d in done},
+        "seconds": {
+            f"{d['pair']}/{d['kind']}/{d['seed']}": {k: d.get(k) for k in ("train_seconds", "predict_seconds")}
+            for d in done
+        },
         "configs": configs,
         "rows": rows,
     }

@@ -46,10 +46,20 @@ def test_the_shifted_cola_sentences_are_the_fourth_column_of_the_raw_file(data_d
 @pytest.mark.slow
 # the tiny size caps inputs at 32 tokens; truncating the few longer shifted sentences is intended there
 @pytest.mark.filterwarnings("ignore::pyrolora.errors.TruncationWarning")
-def test_every_pair_and_method_in_one_run_at_tiny_size(tmp_path, data_dir, monkeypatch):
+def test_every_pair_and_method_at_tiny_size_and_runs_merged_into_one_table(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("PYROLORA_DATA", str(data_dir))
-    report = ood.main(["--size", "tiny", "--seeds", "2", "--device", "cpu", "--out", str(tmp_path)])
+    tiny = ["--size", "tiny", "--seeds", "2"]
+    # one run with three pairs (MiniLM-style and Llama-style backbones together), one with the fourth, then merged
+    one = ood.main([*tiny, "--pairs", "vader_sst2,sst2_cola,arc_obqa", "--device", "cpu", "--out", str(tmp_path / "a")])
+    assert {r["pair"] for r in one["rows"].values()} == {"vader_sst2", "sst2_cola", "arc_obqa"}
+    second = ood.main([*tiny, "--pairs", "cola_in_out", "--device", "cpu", "--out", str(tmp_path / "b")])
+    merge = ",".join(str(tmp_path / d) for d in ("a", "b"))
+    report = ood.main([*tiny, "--summarize-only", "--merge", merge, "--out", str(tmp_path / "all")])
     rows = report["rows"]
+    # the merged table holds exactly the rows the two runs computed
+    assert {k: r["cells"] for k, r in rows.items()} == {
+        k: r["cells"] for run in (one, second) for k, r in run["rows"].items()
+    }
     # the tiny Llama has no dropout layer, so MC dropout is left out there, with the reason
     assert set(report["skipped"]) == {"arc_obqa/mc_dropout"} and "dropout" in report["skipped"]["arc_obqa/mc_dropout"]
     assert set(rows) == {f"{p}/{m}" for p in ood.PAIRS for m in ood.METHODS} - {"arc_obqa/mc_dropout"}
@@ -59,23 +69,21 @@ def test_every_pair_and_method_in_one_run_at_tiny_size(tmp_path, data_dir, monke
     expected_s = {"lora": 1, "ensemble": 2, "mc_dropout": 3, "blora_xs": 3, "swag": 3}
     for key, row in rows.items():
         assert row["num_seeds"] == 2 and len(row["per_seed"]) == 2
-        first = row["per_seed"][0]
+        seed0 = row["per_seed"][0]
         map_s = 1 if row["pair"] == "arc_obqa" else 3
-        assert first["num_samples"] == expected_s.get(row["method"], map_s), key
-        assert first["num_examples"] == 24 and first["num_ood_examples"] == 24  # the tiny size's limits
+        assert seed0["num_samples"] == expected_s.get(row["method"], map_s), key
+        assert seed0["num_examples"] == 24 and seed0["num_ood_examples"] == 24  # the tiny size's limits
         assert row["cells"]["acc"]["ci95"] is not None  # two seeds: a t-interval
         assert 0 <= row["cells"]["AUROC H ↑"]["mean"] <= 1
         if row["method"] in ("lora", "lora_xs"):
             # a point estimate has no epistemic part: MI exactly 0, a constant score, so AUROC exactly 0.5
-            assert first["decomposition"]["in"]["mutual_information"] == 0.0
-            assert first["scores"]["mutual_information"]["auroc"] == 0.5
+            assert seed0["decomposition"]["in"]["mutual_information"] == 0.0
+            assert seed0["scores"]["mutual_information"]["auroc"] == 0.5
         # rater disagreement exists only on VADER
-        has_raters = "spearman_human_disagreement" in first["scores"]["entropy"]
+        has_raters = "spearman_human_disagreement" in seed0["scores"]["entropy"]
         assert has_raters == (row["pair"] == "vader_sst2"), key
-    table = (tmp_path / "table.md").read_text()
+    table = (tmp_path / "all" / "table.md").read_text()
     assert table.count("\n") == 2 + len(rows) and " ± " in table  # header, separator, one line per row
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["jobs_finished"] == saved["jobs_planned"] == 36  # 4 pairs x (2 LoRA, 3 MAP, 2 lowrank, 2 SWAG)
-    # the per-run files rebuild the same table without training again
-    again = ood.main(["--size", "tiny", "--seeds", "2", "--summarize-only", "--out", str(tmp_path)])
-    assert {k: r["cells"] for k, r in again["rows"].items()} == {k: r["cells"] for k, r in rows.items()}
+    saved = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert saved["jobs_finished"] == 36  # 4 pairs x (2 LoRA, 3 MAP, 2 lowrank, 2 SWAG)
+    assert one["jobs_finished"] == one["jobs_planned"] == 27 and second["jobs_finished"] == 9
