@@ -228,6 +228,8 @@ def load_results(out: Path) -> list[dict[str, Any]]:
     results = []
     for line in (out / "jobs.jsonl").read_text(encoding="utf-8").splitlines():
         result = json.loads(line)
+        if not _sample_file(out, result).is_file():  # stopped between the log line and the file: not finished
+            continue
         with np.load(_sample_file(out, result)) as arrays:
             for name in arrays.files:
                 key, split = name.split("/", 1)
