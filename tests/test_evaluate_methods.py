@@ -315,3 +315,31 @@ def test_shifted_data_from_another_classification_task_keeps_only_its_texts(monk
     assert source == {"kind": "task", "task": "cola", "split": "test", "num_examples": 2, "limit": 2}
     assert data.label_names == ("neg", "pos") and set(data.texts) <= {"x", "y", "z"} and len(data) == 2
     assert (data.labels == 0).all()  # placeholders: OOD labels are never scored
+
+
+# max_length 16 keeps the run tiny; truncating the longer SST-2 and CoLA sentences is intended here
+@pytest.mark.filterwarnings("ignore::pyrolora.errors.TruncationWarning")
+@pytest.mark.parametrize("method", ["ensemble", "peft_lora"])
+def test_another_task_and_another_tasks_texts_as_shifted_data(tmp_path, tiny_models, data_dir, method):
+    data = _tsv_task(tmp_path / "data")
+    config = _write_config(tmp_path / "run.toml", tiny_models["bert"], data, method, "delta")
+    out = tmp_path / "run"
+    runner = CliRunner()
+    env = {"PYROLORA_DATA": str(data_dir)}
+    assert runner.invoke(app, ["train", "--config", str(config), "--out", str(out)]).exit_code == 0
+    args = ["evaluate", str(out), "--task", "sst2", "--ood-task", "cola", "--ood-limit", "30"]
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    printed = _printed_metrics(result.output)
+    saved = json.loads((out / UNCERTAINTY_FILE).read_text())
+    assert printed["num_examples"] == saved["num_examples"] == 872  # the whole SST-2 dev file
+    assert saved["task"] == "sst2" and saved["ood"] == "cola:test" and saved["num_ood_examples"] == 30
+    assert saved["ood_source"] == {"kind": "task", "task": "cola", "split": "test", "num_examples": 30, "limit": 30}
+    trained = load_trained(out)
+    trained.use_task("sst2")
+    probs = trained.probs("test")
+    assert probs.shape == (2 if method == "ensemble" else 1, 872, 2)
+    # the CLI's numbers are those of the loader's probabilities: same batches, same computation (float32 rounding)
+    assert printed["nll"] == pytest.approx(
+        -torch.log(probs.mean(0)[torch.arange(872), trained.splits["test"].labels]).mean().item(), abs=1e-5
+    )
