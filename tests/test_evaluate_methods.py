@@ -117,6 +117,11 @@ def test_incomplete_or_foreign_folders_fail_with_a_clear_message(tmp_path, tiny_
     with pytest.raises(RunFolderError, match=r"no config\.json"):
         load_trained(empty)
     assert "not a folder" in runner.invoke(app, ["evaluate", str(tmp_path / "nowhere")]).output
+    interrupted = tmp_path / "interrupted"  # `pyrolora train` writes config.json first, the manifest last
+    interrupted.mkdir()
+    (interrupted / "config.json").write_text(json.dumps({"method": {"name": "mc_dropout"}}), encoding="utf-8")
+    with pytest.raises(RunFolderError, match="not saved completely"):
+        load_trained(interrupted)
     data = _tsv_task(tmp_path / "data")
     for method in ("ensemble", "peft_lora"):
         config = _write_config(tmp_path / f"{method}.toml", tiny_models["bert"], data, method, "delta")

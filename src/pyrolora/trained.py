@@ -5,14 +5,11 @@
 see :meth:`~Trained.use_task`) to per-sample probabilities of shape (S, N, C): the
 :data:`~pyrolora.uncertainty.ProbsFn` that ``pyrolora evaluate`` and the uncertainty report share.
 
-================  ==========================================  ================================================
-method            folder                                      the S rows of (S, N, C)
-================  ==========================================  ================================================
-``bayesian``      ``save_run`` folder (manifest, state)       S = ``predict.num_samples`` posterior draws, seed 0
-``mc_dropout``    ``save_run`` folder of the MAP (``delta``)  S dropout masks (backbone and adapter dropout)
-``ensemble``      ``config.json`` + ``member-0`` .. ``M-1``   M members, each its own BMA mean over S draws
-``peft_lora``     ``config.json`` + ``peft_lora.safetensors`` S = 1: the point estimate
-================  ==========================================  ================================================
+- ``bayesian``: a ``save_run`` folder (manifest, state); S = ``predict.num_samples`` posterior draws (seed 0).
+- ``mc_dropout``: the ``save_run`` folder of the MAP (``delta``); S dropout masks (backbone and adapter dropout).
+- ``ensemble``: ``config.json`` and ``member-0`` .. ``member-<M-1>`` (each a ``save_run`` folder); the M rows are
+  the members, each its own BMA mean over S draws.
+- ``peft_lora``: ``config.json`` and ``peft_lora.safetensors`` (LoRA matrices and head); S = 1, the point estimate.
 
 Every row comes from the same computation the runner used when it trained the method (same seeds, same S), so
 ``pyrolora evaluate`` reproduces the metrics of ``pyrolora train``.

@@ -5,11 +5,13 @@ Composes a trained run (:mod:`pyrolora.experiment`) with the Pyro-free metrics o
 that maps a :class:`~pyrolora.data.ClassificationSplit` to per-sample probabilities of shape (S, N, C). For a
 Bayesian run it draws S posterior samples (:func:`run_probs`); an ensemble stacks its members' softmax outputs,
 MC dropout its S stochastic passes. Everything downstream is the same for all of them.
+:func:`pyrolora.trained.load_trained` gives this function (``Trained.probs``) for the run folder of every method.
 
 ``pyrolora evaluate RUN_DIR --ood DATA`` writes into the run folder::
 
     uncertainty.json        the report of :func:`~pyrolora.evaluation.uncertainty.uncertainty_report`, plus
-                            which split and which OOD file it was computed on
+                            which split it was computed on and which shifted data
+                            (``ood_source``: a file, another split, or another task)
     accuracy_coverage.png   accuracy-coverage curves of every score
 """
 
