@@ -27,11 +27,24 @@ from pyrolora.errors import ConfigError, DivergenceError
 from pyrolora.inference.batches import split_batch, to_device
 from pyrolora.inference.svi import make_schedule
 
-__all__ = ["count_numel", "head_modules", "inject_peft_lora", "mc_dropout", "predict_point", "train_peft_lora"]
+__all__ = [
+    "count_numel",
+    "dropout_layers",
+    "head_modules",
+    "inject_peft_lora",
+    "mc_dropout",
+    "predict_point",
+    "train_peft_lora",
+]
 
 
 def _sampling_dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return F.dropout(x, module.p, training=True, inplace=module.inplace)
+
+
+def dropout_layers(module: nn.Module) -> list[nn.Dropout]:
+    """The ``nn.Dropout`` layers with p > 0 inside ``module`` (the backbone's and the adapters' own)."""
+    return [m for m in module.modules() if isinstance(m, nn.Dropout) and m.p > 0]
 
 
 @contextlib.contextmanager
@@ -39,18 +52,21 @@ def mc_dropout(module: nn.Module) -> Iterator[int]:
     """Within the block, every ``nn.Dropout`` (p > 0) inside ``module`` samples a mask even in eval mode.
 
     Only dropout *modules* are switched; attention-probability dropout that transformers applies inside its
-    fused attention kernels (``dropout_p=... if self.training``) stays off. Yields the number of layers
-    switched.
+    fused attention kernels (``dropout_p=... if self.training``) stays off. LoRA-XS adapter dropout
+    (``LoraXSConfig(dropout=p)``, an ``nn.Dropout`` on each adapter's input) counts as a dropout layer, so a
+    backbone without dropout of its own (Llama) gets MC dropout through its adapters. Yields the number of
+    layers switched.
 
     Raises:
-        ConfigError: when ``module`` has no dropout layer with p > 0 (e.g. Llama): MC dropout would be a
-            deterministic model.
+        ConfigError: when ``module`` has no dropout layer with p > 0 (e.g. Llama without adapter dropout): MC
+            dropout would be a deterministic model.
     """
-    switched = [m for m in module.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    switched = dropout_layers(module)
     if not switched:
         raise ConfigError(
             f"{type(module).__name__} has no dropout layer with p > 0, so MC dropout would equal the MAP model; "
-            "use a backbone trained with dropout (e.g. BERT/MiniLM) or another method."
+            "set adapter dropout ([adapters] dropout = 0.1), use a backbone trained with dropout (e.g. BERT/MiniLM), "
+            "or choose another method."
         )
     for m in switched:
         m.forward = functools.partial(_sampling_dropout, m)  # an instance attribute shadows Dropout.forward

@@ -94,7 +94,7 @@ def _train_other_method(config: Path, out: Path) -> bool:
 
 @app.command("evaluate")
 def evaluate_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pyrolora train`.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pyrolora train` (any method).")],
     split: Annotated[str, typer.Option(help="Split of the run's task to evaluate.")] = "test",
     ood: Annotated[
         Path | None,
@@ -117,44 +117,87 @@ def evaluate_cmd(
     task: Annotated[
         str | None, typer.Option(help="Evaluate on this other task's splits (distribution shift), e.g. openbookqa.")
     ] = None,
+    ood_split: Annotated[
+        str | None,
+        typer.Option(
+            "--ood-split",
+            help="Shifted data from another split of the evaluated task, e.g. out_of_domain against --split "
+            "in_domain (CoLA); implies --uncertainty.",
+        ),
+    ] = None,
+    ood_task: Annotated[
+        str | None,
+        typer.Option(
+            "--ood-task",
+            help="Shifted data from another task's test split, e.g. openbookqa for an ARC-Easy run (same kind of "
+            "task; labels unused); implies --uncertainty.",
+        ),
+    ] = None,
 ) -> None:
-    """Load a saved run and evaluate it on one split of its task (or of another task with --task)."""
-    from pyrolora.experiment import evaluate, load_run
+    """Load a saved run of any method and evaluate it on one split of its task (or of another task with --task).
+
+    Bayesian runs average S posterior draws, MC dropout runs S dropout masks, ensembles their members, peft LoRA
+    is one point estimate.
+    """
+    from pyrolora.errors import ConfigError
+    from pyrolora.trained import load_trained, split_metrics
 
     try:
+        if sum(x is not None for x in (ood, ood_split, ood_task)) > 1:
+            raise ConfigError("give one source of shifted data: --ood FILE, --ood-split NAME or --ood-task NAME.")
         ood_texts = None
         if ood is not None:
             from pyrolora.data.texts import load_texts
 
             ood_texts = load_texts(ood, column=ood_column, limit=ood_limit)  # fail on a bad file before predicting
-        run = load_run(run_dir)
+        trained = load_trained(run_dir, progress=True)
         if task is not None:
-            _use_other_task(run, task)
-        if split not in run.splits:
-            raise typer.BadParameter(f"unknown split {split!r}; the task has {sorted(run.splits)}")
-        evaluation = evaluate(run, split, progress=True)
+            trained.use_task(task)
+        if split not in trained.splits:
+            raise typer.BadParameter(f"unknown split {split!r}; the task has {sorted(trained.splits)}")
+        data = trained.splits[split]
+        probs = trained.probs(data)  # (S, N, C)
+        result = split_metrics(probs.mean(0), data, trained.config.predict.n_bins)
     except PyroloraError as err:
         _fail(err)
-    typer.echo(json.dumps(evaluation.metrics, indent=2))
-    if uncertainty or ood_texts is not None:
-        _report_uncertainty(run, run_dir, split, evaluation, ood, ood_texts, ood_column=ood_column, ood_limit=ood_limit)
+    typer.echo(json.dumps(result, indent=2))
+    if uncertainty or ood_texts is not None or ood_split is not None or ood_task is not None:
+        _report_uncertainty(
+            trained,
+            run_dir,
+            split,
+            probs,
+            ood,
+            ood_texts,
+            ood_split,
+            ood_task,
+            ood_column=ood_column,
+            ood_limit=ood_limit,
+        )
 
 
-def _report_uncertainty(run, run_dir, split, evaluation, ood, ood_texts, **ood_options) -> None:
-    """The uncertainty part of `evaluate`: predict on the OOD texts, compute, print and store the report."""
+def _report_uncertainty(trained, run_dir, split, probs, ood, ood_texts, ood_split, ood_task, **ood_options) -> None:
+    """The uncertainty part of `evaluate`: predict on the shifted data, compute, print and store the report."""
     from pyrolora.data.texts import unlabelled_split
     from pyrolora.evaluation.uncertainty import format_uncertainty_table
-    from pyrolora.uncertainty import evaluate_uncertainty, run_probs, save_uncertainty
+    from pyrolora.trained import shifted_data
+    from pyrolora.uncertainty import evaluate_uncertainty, save_uncertainty
 
     try:
-        ood_split = None
+        data = trained.splits[split]
+        shifted, source = None, None
         if ood_texts is not None:
-            ood_split = unlabelled_split(ood_texts[0], run.splits[split].label_names, ood_texts[1])
-        report = evaluate_uncertainty(
-            run_probs(run, progress=True), run.splits[split], ood_split, probs=evaluation.prediction.probs
-        )
-        method = f"{run_dir.name} ({run.config.guide.name})"
-        info = {"method": method, "split": split, "ood": None if ood is None else str(ood), **ood_options}
+            shifted = unlabelled_split(ood_texts[0], data.label_names, ood_texts[1])
+            source = {"kind": "file", "path": str(ood), **ood_options, "num_examples": len(shifted)}
+        elif ood_split is not None or ood_task is not None:
+            limit = ood_options["ood_limit"]
+            shifted, source = shifted_data(trained, split, ood_split=ood_split, ood_task=ood_task, limit=limit)
+        report = evaluate_uncertainty(trained.probs, data, shifted, probs=probs)
+        method = trained.description
+        described = None if source is None else (str(ood) if ood is not None else f"{source['task']}:{source['split']}")
+        info = {"method": method, "task": trained.task, "split": split, "ood": described, "ood_source": source}
+        if ood is not None:
+            info.update(ood_options)
         json_path, plot_path = save_uncertainty(report, run_dir, title=method, info=info)
     except PyroloraError as err:
         _fail(err)
@@ -236,20 +279,6 @@ def diagnose_cmd(
         f"of {n['spectrum']['dimension']}"
     )
     typer.echo(f"wrote {result.report} and {result.netcdf}")
-
-
-def _use_other_task(run, task: str) -> None:
-    """Swap a loaded run's splits for those of another task with the same kind of output (distribution shift)."""
-    from pyrolora.errors import ConfigError
-    from pyrolora.experiment import load_task
-
-    spec = run.config.replace(task={"name": task, "path": None, "hub_config": None}).task
-    if spec.multiple_choice != run.config.task.multiple_choice:
-        raise ConfigError(f"the run was trained on {run.config.task.name!r}; {task!r} is a different kind of task.")
-    splits = load_task(spec)
-    if splits["test"].num_classes != run.splits["train"].num_classes and not spec.multiple_choice:
-        raise ConfigError(f"{task!r} has {splits['test'].num_classes} classes, the run's head has a different number.")
-    run.splits = splits
 
 
 if __name__ == "__main__":

@@ -19,14 +19,36 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from pyrolora.baselines import count_numel, inject_peft_lora, mc_dropout, predict_point, train_peft_lora
+from pyrolora._atomic import atomic_path
+from pyrolora._version import __version__
+from pyrolora.baselines import (
+    count_numel,
+    dropout_layers,
+    inject_peft_lora,
+    mc_dropout,
+    predict_point,
+    train_peft_lora,
+)
 from pyrolora.config import RunConfig
+from pyrolora.errors import ConfigError
 from pyrolora.evaluation import metrics
-from pyrolora.experiment import Run, _write_json, build, fit_run, load_task, save_run
+from pyrolora.experiment import CONFIG_FILE, Run, _write_json, build, fit_run, load_task, save_run
 from pyrolora.inference import predict
 
-__all__ = ["classification_metrics", "fit_and_predict", "run_method"]
+__all__ = [
+    "PEFT_LORA_FILE",
+    "classification_metrics",
+    "fit_and_predict",
+    "peft_lora_run",
+    "run_method",
+    "save_peft_lora",
+]
+
+#: The state of a ``peft_lora`` run folder: every trainable tensor (LoRA A and B, the task head) by its name.
+PEFT_LORA_FILE = "peft_lora.safetensors"
+PEFT_LORA_FORMAT = "pyrolora-peft-lora-1"
 
 
 def classification_metrics(probs: torch.Tensor | np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, float]:
@@ -55,10 +77,46 @@ def _fit_bayesian(
     config: RunConfig, splits: dict[str, Any], device: torch.device, progress: bool, autocast: torch.dtype | None = None
 ) -> Run:
     run = build(config, splits)
+    if config.method.name == "mc_dropout" and not dropout_layers(run.model.backbone):
+        raise ConfigError(  # before training, not after it: the trained MAP could never be MC-dropout sampled
+            f"method mc_dropout needs dropout, but {config.model.name!r} has no dropout layer with p > 0; set "
+            "adapter dropout ([adapters] dropout = 0.1) or use a backbone trained with dropout (e.g. MiniLM)."
+        )
     run.model.to(device)
     autocast_backbone(run.model.backbone, device, autocast)
     run.fit_result = fit_run(run, progress=progress)  # the guide family's whole procedure (swag, laplace, ...)
     return run
+
+
+def peft_lora_run(config: RunConfig, splits: dict[str, Any]) -> tuple[Run, list[nn.Parameter], list[nn.Parameter]]:
+    """The run of a ``peft_lora`` config: its backbone with peft LoRA (and no LoRA-XS), tokenizer and loaders.
+
+    Returns ``(run, lora_params, head_params)``; ``run.model.backbone`` is the plain backbone with peft's LoRA
+    layers, ``run.guide`` an unused ``delta`` guide (the run only lends its loaders and splits).
+    """
+    run = build(config.replace(guide={"name": "delta"}), splits)  # the backbone, tokenizer and loaders
+    backbone = run.model.backbone
+    for site, layer in run.model.adapters.items():  # take the LoRA-XS layers out again: plain backbone
+        parent, _, child = site.rpartition(".")
+        setattr(backbone.get_submodule(parent) if parent else backbone, child, layer.base)
+    m = config.method
+    lora, head = inject_peft_lora(backbone, m.lora_rank, m.lora_alpha, m.lora_targets, m.lora_dropout)
+    return run, lora, head
+
+
+def save_peft_lora(backbone: nn.Module, config: RunConfig, out: str | Path) -> None:
+    """Write a peft LoRA run folder: ``peft_lora.safetensors`` (LoRA matrices and head), then ``config.json``.
+
+    Both atomically, the state first: a folder with ``config.json`` holds a complete state.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {n: p.detach().cpu().contiguous() for n, p in backbone.named_parameters() if p.requires_grad}
+    with atomic_path(out / PEFT_LORA_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": PEFT_LORA_FORMAT})
+    _write_json(out / CONFIG_FILE, {"pyrolora_version": __version__, **config.to_dict()})
 
 
 def _predict_run(run: Run, split: str, *, dropout: bool = False) -> torch.Tensor:
@@ -100,13 +158,9 @@ def fit_and_predict(
     samples: dict[str, torch.Tensor] = {}
     result: dict[str, Any] = {"predict_seconds": 0.0, "samples": samples}
     if config.method.name == "peft_lora":
-        run = build(config.replace(guide={"name": "delta"}), splits)  # the backbone, tokenizer and loaders
+        run, lora, head = peft_lora_run(config, splits)
         backbone = run.model.backbone
-        for site, layer in run.model.adapters.items():  # take the LoRA-XS layers out again: plain backbone
-            parent, _, child = site.rpartition(".")
-            setattr(backbone.get_submodule(parent) if parent else backbone, child, layer.base)
         m, t = config.method, config.train
-        lora, head = inject_peft_lora(backbone, m.lora_rank, m.lora_alpha, m.lora_targets, m.lora_dropout)
         backbone.to(device)
         autocast_backbone(backbone, device, autocast)
         _, result["train_seconds"] = train_peft_lora(
@@ -129,12 +183,7 @@ def fit_and_predict(
             result["predict_seconds"] += time.perf_counter() - start
         result["trainable_params"] = result["stored_params"] = count_numel(lora) + count_numel(head)
         if out is not None:
-            from safetensors.torch import save_file
-
-            Path(out).mkdir(parents=True, exist_ok=True)
-            state = {n: p.detach().cpu().contiguous() for n, p in backbone.named_parameters() if p.requires_grad}
-            save_file(state, str(Path(out) / "peft_lora.safetensors"))
-            _write_json(Path(out) / "config.json", config.to_dict())
+            save_peft_lora(backbone, config, out)
         result["probs"] = {name: s.mean(0) for name, s in samples.items()}
         return result
     run = _fit_bayesian(config, splits, device, progress, autocast)

@@ -5,11 +5,13 @@ Composes a trained run (:mod:`pyrolora.experiment`) with the Pyro-free metrics o
 that maps a :class:`~pyrolora.data.ClassificationSplit` to per-sample probabilities of shape (S, N, C). For a
 Bayesian run it draws S posterior samples (:func:`run_probs`); an ensemble stacks its members' softmax outputs,
 MC dropout its S stochastic passes. Everything downstream is the same for all of them.
+:func:`pyrolora.trained.load_trained` gives this function (``Trained.probs``) for the run folder of every method.
 
 ``pyrolora evaluate RUN_DIR --ood DATA`` writes into the run folder::
 
     uncertainty.json        the report of :func:`~pyrolora.evaluation.uncertainty.uncertainty_report`, plus
-                            which split and which OOD file it was computed on
+                            which split it was computed on and which shifted data
+                            (``ood_source``: a file, another split, or another task)
     accuracy_coverage.png   accuracy-coverage curves of every score
 """
 
@@ -26,7 +28,15 @@ from pyrolora.evaluation.uncertainty import uncertainty_report
 from pyrolora.experiment import Run, _write_json
 from pyrolora.inference import predict
 
-__all__ = ["PLOT_FILE", "UNCERTAINTY_FILE", "ProbsFn", "evaluate_uncertainty", "run_probs", "save_uncertainty"]
+__all__ = [
+    "PLOT_FILE",
+    "UNCERTAINTY_FILE",
+    "ProbsFn",
+    "evaluate_uncertainty",
+    "pad_classes",
+    "run_probs",
+    "save_uncertainty",
+]
 
 UNCERTAINTY_FILE = "uncertainty.json"
 PLOT_FILE = "accuracy_coverage.png"
@@ -53,6 +63,14 @@ def run_probs(run: Run, *, num_samples: int | None = None, seed: int = 0, progre
     return probs
 
 
+def pad_classes(probs: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Probabilities (..., C) padded with zero columns to (..., num_classes) (options a question lacks).
+
+    Zero-probability classes change no entropy, mutual information or maximum probability.
+    """
+    return torch.nn.functional.pad(probs, (0, num_classes - probs.shape[-1]))
+
+
 def evaluate_uncertainty(
     probs_fn: ProbsFn,
     split: ClassificationSplit,
@@ -65,11 +83,17 @@ def evaluate_uncertainty(
     Args:
         probs_fn: the method's probability function (see the module docstring).
         split: the in-distribution evaluation split; its ``human_probs``, if any, give rater disagreement.
-        ood: unlabelled shifted data (see :mod:`pyrolora.data.texts`).
+        ood: shifted data (labels unused): unlabelled texts (see :mod:`pyrolora.data.texts`), another split of
+            the task, or another task's split (:func:`pyrolora.trained.shifted_data`). Multiple-choice questions
+            with a different number of options are compared with the missing options at probability 0.
         probs: already computed per-sample probabilities on ``split``, shape (S, N, C), to skip predicting again.
     """
     in_probs = probs_fn(split) if probs is None else probs
     ood_probs = None if ood is None else probs_fn(ood)
+    if ood_probs is not None and ood_probs.shape[-1] != in_probs.shape[-1]:
+        # multiple choice with more options on one side: the other side's missing options have probability 0
+        classes = max(ood_probs.shape[-1], in_probs.shape[-1])
+        in_probs, ood_probs = pad_classes(in_probs, classes), pad_classes(ood_probs, classes)
     return uncertainty_report(in_probs, split.labels, ood_probs=ood_probs, human_probs=split.human_probs)
 
 

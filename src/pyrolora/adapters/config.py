@@ -37,6 +37,10 @@ class LoraXSConfig:
             index is the integer that follows the ``layers_pattern`` component of the dotted path.
         layers_pattern: the path component(s) that precede the layer index (peft's ``layers_pattern``). The
             default covers BERT/RoBERTa (``layer``), Llama (``layers``) and GPT-2 (``h``).
+        dropout: adapter dropout p in [0, 1): the update branch reads ``dropout(x)``, i.e.
+            ``(alpha / rank) * B R A dropout(x)`` (see :class:`~pyrolora.adapters.layer.LoraXSLinear`). Active in
+            training and under :func:`pyrolora.baselines.mc_dropout`; it gives MC dropout to backbones without
+            dropout (Llama). Default 0: no dropout module.
 
     Raises:
         ConfigError: on a non-positive rank or alpha, an empty target list or an invalid layer index.
@@ -47,6 +51,7 @@ class LoraXSConfig:
     target_modules: str | tuple[str, ...] = ("query", "value")
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] = field(default=("layer", "layers", "h", "blocks"))
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -91,6 +96,9 @@ class LoraXSConfig:
         if not pattern or any(not isinstance(p, str) or not p for p in pattern):
             raise ConfigError(f"layers_pattern must hold non-empty strings, got {self.layers_pattern!r}.")
         object.__setattr__(self, "layers_pattern", pattern)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"adapter dropout must be a number in [0, 1), got {self.dropout!r}; e.g. 0.1.")
+        object.__setattr__(self, "dropout", float(self.dropout))
 
     @property
     def scaling(self) -> float:
@@ -116,7 +124,7 @@ class LoraXSConfig:
                 f"adapter factors were built with convention {convention!r}; this version uses "
                 f"{SVD_CONVENTION!r} and cannot load them."
             )
-        known = {"rank", "alpha", "target_modules", "layers_to_transform", "layers_pattern"}
+        known = {"rank", "alpha", "target_modules", "layers_to_transform", "layers_pattern", "dropout"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown adapter config keys {unknown}; known keys are {sorted(known)}.")

@@ -181,7 +181,7 @@ def inject_adapters(backbone: nn.Module, config: LoraXSConfig) -> AdapterSet:
         )
     layers: dict[str, LoraXSLinear] = {}
     for name, module in matches:  # validate everything first
-        layers[name] = LoraXSLinear(module, config.rank, config.alpha, site_name=name)
+        layers[name] = LoraXSLinear(module, config.rank, config.alpha, site_name=name, dropout=config.dropout)
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = backbone.get_submodule(parent_name) if parent_name else backbone

@@ -49,6 +49,11 @@ class LoraXSLinear(nn.Module):
     samples R and sets it through :meth:`AdapterSet.use <pyrolora.adapters.model.AdapterSet.use>`. While no
     value is set, the layer is exactly the base layer (the update is skipped, not added as zero).
 
+    Adapter dropout (``dropout = p > 0``): the update branch reads ``dropout(x)`` instead of ``x``, i.e.
+    ``y = base(x) + (alpha / r) · B R A dropout(x)``, with an ``nn.Dropout`` (active in train mode, so during
+    :func:`pyrolora.fit`; in eval mode only inside :func:`pyrolora.baselines.mc_dropout`). It gives MC dropout
+    to backbones trained without dropout (Llama). With ``p = 0`` there is no dropout module at all.
+
     Batched posterior samples: if the value has shape (S, r, r), the input's leading dimension must be S·B with
     the S samples outermost (sample-major, as produced by ``x.repeat(S, ...)``), and sample s is applied to
     rows ``s·B .. (s+1)·B - 1``. One forward pass then evaluates S posterior draws.
@@ -58,12 +63,13 @@ class LoraXSLinear(nn.Module):
         rank: the SVD rank r.
         alpha: scaling numerator; the update is multiplied by ``alpha / rank``.
         site_name: the name of the latent site, by convention the module's dotted path in the backbone.
+        dropout: probability p of zeroing an input entry of the update branch (0: none).
     """
 
     A: torch.Tensor
     B: torch.Tensor
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, site_name: str) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, site_name: str, dropout: float = 0.0) -> None:
         super().__init__()
         if not is_supported_layer(base):
             raise TargetError(
@@ -84,6 +90,8 @@ class LoraXSLinear(nn.Module):
         self.alpha = float(alpha)
         self.scaling = self.alpha / rank
         self.site_name = site_name
+        # x -> dropout(x) on the update branch only; with p = 0 no module at all, so such a layer is exactly as before
+        self.dropout: nn.Dropout | None = nn.Dropout(dropout) if dropout > 0 else None
         a, b = svd_factors(weight, rank)
         self.register_buffer("A", a)  # (r, in)
         self.register_buffer("B", b)  # (out, r)
@@ -136,6 +144,8 @@ class LoraXSLinear(nn.Module):
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.A.dtype
         a, b = self.compute_factors(dtype)  # (r, in), (out, r) with the scaling folded in
+        if self.dropout is not None:
+            x = self.dropout(x)  # (..., in): its own mask per row, so per sample of a batched forward
         h = F.linear(x, a)  # (..., r)
         if value.dim() == 2:
             # B (s R) A x = (B s R)(A x): the r x r core is folded into B, one small (out, r) product per step.

@@ -109,7 +109,7 @@ def peft_lora_config(
     return LoraConfig(
         r=rank,
         lora_alpha=rank,  # peft's scaling lora_alpha / r = 1; alpha / r of LoRA-XS is inside lora_B
-        lora_dropout=0.0,
+        lora_dropout=adapters.config.dropout,  # the same x -> dropout(x) before A as LoRA-XS adapter dropout
         bias="none",
         target_modules=list(adapters),
         fan_in_fan_out=kinds == {True},
