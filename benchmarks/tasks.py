@@ -4,7 +4,8 @@ Methods (same runner, data pipeline, metrics; see ``pyrolora.runner``):
 
     lora        standard LoRA through peft (rank 8 on query/value), maximum likelihood
     lora_xs     LoRA-XS MAP: the ``delta`` guide under the same prior as B-LoRA-XS
-    mc_dropout  the LoRA-XS MAP models above, predicted with dropout on (S masks); costs no extra training
+    mc_dropout  the LoRA-XS MAP models above, predicted with MiniLM's dropout on (S masks; no extra training);
+                on QA (Llama has no dropout) its own MAP runs, trained with adapter dropout p = 0.1
     ensemble    deep ensemble of 5 LoRA-XS MAP models (ensemble j averages the MAP runs with seeds j..j+4)
     blora_xs    B-LoRA-XS: SVI with the low-rank-plus-diagonal guide (K = 2), BMA over S = 15 samples
     swag        B-LoRA-XS with the paper's posterior: SWAG (K = 20 deviation columns, collection from half-way
@@ -68,6 +69,8 @@ GUIDES = {
 }
 #: the job kind (first field of a run's key) of each Bayesian method
 KINDS = {"blora_xs": "lowrank", "swag": "swag"}
+#: adapter dropout p of the MC-dropout MAP runs on QA (Llama has no dropout of its own; 0.1 as MiniLM's own p)
+QA_ADAPTER_DROPOUT = 0.1
 SIZES = ("tiny", "small", "full", "long")
 ENCODER_TASKS = ("sst2", "rte", "cola")
 QA_TASKS = ("arc_easy", "arc_challenge", "openbookqa")
@@ -245,12 +248,21 @@ def make_jobs(args: argparse.Namespace, models: dict[str, str]) -> list[dict[str
         size = base["method"]["ensemble_size"]
         wants = set(args.methods)
         map_seeds = seeds + (list(range(args.seeds, args.seeds + size - 1)) if "ensemble" in wants else [])
-        mc = "mc_dropout" in wants and task not in QA_TASKS  # Llama has no dropout layers
+        # MiniLM: the MAP runs predicted with its own dropout on. Llama has no dropout layers, so on QA MC dropout
+        # is its own MAP run trained with adapter dropout (QA_ADAPTER_DROPOUT) and predicted with S masks.
+        mc = "mc_dropout" in wants and task not in QA_TASKS
         plan = []
         if "lora" in wants:
             plan += [("lora", s, {"method": {**base["method"], "name": "peft_lora"}}, False) for s in seeds]
         if wants & {"lora_xs", "mc_dropout", "ensemble"}:
             plan += [("delta", s, {"guide": {"name": "delta"}}, mc and s < args.seeds) for s in map_seeds]
+        if "mc_dropout" in wants and task in QA_TASKS:
+            change = {
+                "guide": {"name": "delta"},
+                "method": {**base["method"], "name": "mc_dropout"},
+                "adapters": {**base.get("adapters", {}), "dropout": QA_ADAPTER_DROPOUT},
+            }
+            plan += [("mc_dropout", s, change, False) for s in seeds]
         for method in ("blora_xs", "swag"):
             if method in wants:
                 plan += [(KINDS[method], s, {"guide": guide_of(method, args.swag_frequency)}, False) for s in seeds]
@@ -318,6 +330,8 @@ def summarize(args: argparse.Namespace, done: list[dict[str, Any]], labels: dict
         for method in args.methods:
             if method == "lora":
                 members[method] = [[runs[("lora", s)]] for s in range(args.seeds) if ("lora", s) in runs]
+            elif method == "mc_dropout" and task in QA_TASKS:  # its own runs, trained with adapter dropout
+                members[method] = [[runs[("mc_dropout", s)]] for s in range(args.seeds) if ("mc_dropout", s) in runs]
             elif method in ("lora_xs", "mc_dropout"):
                 members[method] = [[runs[("delta", s)]] for s in range(args.seeds) if ("delta", s) in runs]
             elif method == "ensemble":
@@ -327,9 +341,10 @@ def summarize(args: argparse.Namespace, done: list[dict[str, Any]], labels: dict
                 kind = KINDS.get(method, method)
                 members[method] = [[runs[(kind, s)]] for s in range(args.seeds) if (kind, s) in runs]
         for method, groups in members.items():
-            if not groups or (method == "mc_dropout" and task in QA_TASKS):
+            if not groups:
                 continue
-            field = "mc_dropout_probs" if method == "mc_dropout" else "probs"
+            shared_map = method == "mc_dropout" and task not in QA_TASKS  # the MAP runs' extra dropout passes
+            field = "mc_dropout_probs" if shared_map else "probs"
             seeds = []
             for group in groups:
                 probs = {s: np.mean([np.asarray(g[field][s]) for g in group], axis=0) for s in group[0][field]}
@@ -337,10 +352,9 @@ def summarize(args: argparse.Namespace, done: list[dict[str, Any]], labels: dict
                     {
                         "probs": probs,
                         "metrics": {s: classification_metrics(p, labels[task][s]) for s, p in probs.items()},
-                        "train_seconds": sum(g["train_seconds"] for g in group) if method != "mc_dropout" else 0.0,
+                        "train_seconds": sum(g["train_seconds"] for g in group) if not shared_map else 0.0,
                         "predict_seconds": sum(
-                            g["mc_dropout_predict_seconds" if method == "mc_dropout" else "predict_seconds"]
-                            for g in group
+                            g["mc_dropout_predict_seconds" if shared_map else "predict_seconds"] for g in group
                         ),
                         "trainable_params": sum(g["trainable_params"] for g in group),
                         "stored_params": sum(g["stored_params"] for g in group),
