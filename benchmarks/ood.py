@@ -16,7 +16,7 @@ Shift pairs (``--pairs``):
 
 Methods (``--methods``; the same runner as ``benchmarks/tasks.py``): ``lora`` (peft LoRA r = 8, a point
 estimate, as a reference), ``lora_xs`` (LoRA-XS MAP, ``delta``), ``mc_dropout`` (the MAP models predicted with
-S dropout masks; left out, with the reason printed, where the backbone has no dropout layer, e.g. Llama),
+S dropout masks; where the backbone has no dropout layer, e.g. Llama, its own MAP runs with adapter dropout),
 ``ensemble`` (5 MAP models: the per-sample probabilities are the members' probabilities), ``blora_xs``
 (``lowrank`` K = 2) and ``swag`` (SWAG, the paper's posterior). A point estimate has MI exactly 0, so its MI
 scores are constant: AUROC 0.5 and no rank correlation ("–").
