@@ -244,3 +244,23 @@ def test_a_failing_job_is_reported_and_the_others_still_run(tmp_path):
     assert [line["seed"] for line in lines] == [0, 2] and "probs" not in lines[0]  # the log leaves probabilities out
     with pytest.raises(RuntimeError, match="out of memory"):  # without on_error a failure stops the run
         bench.execute(jobs, 0, None, tmp_path / "jobs.jsonl", 0.0, worker)
+
+
+def test_svi_probe_methods_change_only_their_own_settings():
+    from argparse import Namespace
+
+    bench = benchmark_module()
+    models = {"minilm": "m", "smollm2": "s", "bert": "b", "llama": "l"}
+    args = Namespace(
+        tasks=["sst2"], size="full", seeds=1, methods=["blora_xs", "blora_xs_init", "blora_xs_anneal"],
+        swag_frequency=None, device="cpu", threads=1, autocast=False,
+    )  # fmt: skip
+    jobs = {j["kind"]: j["config"] for j in bench.make_jobs(args, models)}
+    base = jobs["lowrank"]
+    assert jobs["lowrank_init"]["guide"]["options"] == {"rank": 2, "init_scale": 0.005}
+    assert jobs["lowrank_anneal"]["train"] == {**base["train"], "kl_warmup": 0.5}
+    # everything else is the task's setting, so a difference in the table is the probe's alone
+    for kind in ("lowrank_init", "lowrank_anneal"):
+        assert {k: v for k, v in jobs[kind].items() if k not in ("guide", "train")} == {
+            k: v for k, v in base.items() if k not in ("guide", "train")
+        }
