@@ -264,7 +264,7 @@ def make_jobs(args: argparse.Namespace, models: dict[str, str]) -> list[dict[str
         plan = []
         if "lora" in wants:
             plan += [("lora", s, {"method": {**base["method"], "name": "peft_lora"}}, False) for s in seeds]
-        if wants & {"lora_xs", "mc_dropout", "ensemble"}:
+        if wants & {"lora_xs", "ensemble"} or mc:  # (QA's MC dropout has runs of its own, below)
             plan += [("delta", s, {"guide": {"name": "delta"}}, mc and s < args.seeds) for s in map_seeds]
         if "mc_dropout" in wants and task in QA_TASKS:
             change = {

