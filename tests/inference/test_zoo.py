@@ -128,6 +128,63 @@ def test_swag_collects_on_schedule_and_samples_its_low_rank_gaussian():
         guides.make("swag", model, rank=0)
 
 
+def test_swag_default_frequency_collects_enough_iterates_for_a_covariance():
+    # The notebook's setting scaled down: 3 epochs of 4 batches, collection from half-way (6 steps), K = 4. The
+    # once-per-epoch rule alone collected 1 iterate here (the variance at its floor, no low-rank part).
+    model, data = _build(), _data()
+    guide = guides.make("swag", model, rank=4, start=0.5)
+    fit_posterior(model, guide, data, num_epochs=3, lr=1e-2, progress=False, seed=0)
+    assert guide.num_collected >= min(4, 6)
+    posterior = guide.get_posterior()
+    sd = posterior.variance.sqrt()
+    # AdamW moves every coordinate by about lr = 1e-2 per step, so the iterates scatter by ~1e-3..1e-2; a
+    # collapsed SWAG has sd = sqrt(0.5 * 0.5 * 1e-12) = 5e-7. 1e-4 sits two orders of magnitude from both.
+    assert sd.median() > 1e-4, sd.median()
+    assert posterior.cov_factor.abs().sum(0).gt(0).sum() >= 2  # a real low-rank part of at least two columns
+
+
+@pytest.mark.parametrize("epoch_steps", [None, 1, 3, 10])
+@pytest.mark.parametrize("collect_steps", [1, 2, 5, 19, 20, 21, 100, 1000])
+@pytest.mark.parametrize("rank", [1, 2, 20])
+def test_swag_collection_frequency_yields_min_of_rank_and_steps(collect_steps, rank, epoch_steps):
+    from pyrolora.inference.swag import collection_frequency
+
+    frequency = collection_frequency(collect_steps, rank, epoch_steps)
+    assert collect_steps // frequency >= min(rank, collect_steps)
+    if epoch_steps is not None and collect_steps // epoch_steps >= rank:
+        assert frequency == epoch_steps  # the paper's once-per-epoch rule when it suffices
+
+
+def test_swag_warns_when_fewer_than_two_iterates_are_collected():
+    from pyrolora.errors import SWAGWarning
+
+    model, data = _build(), _data()
+    guide = guides.make("swag", model, rank=4, start=0.5, frequency=100)
+    with pytest.warns(SWAGWarning, match=r"collected 1 iterate over 2 collection steps \(frequency 100"):
+        fit_posterior(model, guide, data, num_steps=4, progress=False, seed=0)
+    assert guide.num_collected == 1
+
+
+def test_swag_collects_sgd_iterates_when_asked(monkeypatch):
+    model, data = _build(), _data()
+    with pytest.raises(Exception, match="explicit collect_lr"):
+        guides.make("swag", model, collect_optimizer="sgd")
+    with pytest.raises(Exception, match="needs collect_optimizer='sgd'"):
+        guides.make("swag", model, collect_momentum=0.9)
+    guide = guides.make("swag", model, rank=2, start=2, frequency=1, collect_optimizer="sgd", collect_lr=1e-3)
+    seen = []
+    original = torch.optim.SGD.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("momentum"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "__init__", spy)
+    result = fit_posterior(model, guide, data, num_steps=5, lr=1e-2, progress=False, seed=0)
+    assert seen == [0.0]  # one SGD optimizer, for the collection stage only
+    assert result.learning_rates[2:] == [1e-3] * 3 and guide.num_collected == 3
+
+
 REPRESENTATIVE_PRIORS = {
     "isotropic": lambda: priors.IsotropicNormal(0.1),
     "per_module": lambda: {"query": priors.IsotropicNormal(0.05), "value": priors.IsotropicNormal(0.3)},

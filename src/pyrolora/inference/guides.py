@@ -345,9 +345,20 @@ def swag(
     frequency: int | None = None,
     collect_lr: float | None = None,
     scale: float = 0.5,
+    collect_optimizer: str | None = None,
+    collect_momentum: float = 0.0,
 ) -> SWAG:
     """SWAG collected from MAP iterates of the same model (see :class:`~pyrolora.inference.swag.SWAG`)."""
-    return SWAG(model, rank=rank, start=start, frequency=frequency, collect_lr=collect_lr, scale=scale)
+    return SWAG(
+        model,
+        rank=rank,
+        start=start,
+        frequency=frequency,
+        collect_lr=collect_lr,
+        scale=scale,
+        collect_optimizer=collect_optimizer,  # type: ignore[arg-type]
+        collect_momentum=collect_momentum,
+    )
 
 
 @register("nuts")
