@@ -15,6 +15,7 @@ __all__ = [
     "DivergenceError",
     "PyroloraError",
     "RunFolderError",
+    "SWAGWarning",
     "TargetError",
     "TruncationWarning",
 ]
@@ -46,6 +47,10 @@ class RunFolderError(PyroloraError, OSError):
 
 class TruncationWarning(UserWarning):
     """Inputs longer than the token limit were truncated (issued once per dataset, with the count)."""
+
+
+class SWAGWarning(UserWarning):
+    """SWAG collected too few iterates for a covariance (fewer than 2): its posterior is nearly a point mass."""
 
 
 class DistributedError(PyroloraError, RuntimeError):

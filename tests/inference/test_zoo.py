@@ -128,6 +128,107 @@ def test_swag_collects_on_schedule_and_samples_its_low_rank_gaussian():
         guides.make("swag", model, rank=0)
 
 
+def test_swag_default_frequency_collects_enough_iterates_for_a_covariance():
+    # The notebook's setting scaled down: 3 epochs of 4 batches, collection from half-way (6 steps), K = 4. The
+    # once-per-epoch rule alone collected 1 iterate here (the variance at its floor, no low-rank part).
+    model, data = _build(), _data()
+    guide = guides.make("swag", model, rank=4, start=0.5)
+    fit_posterior(model, guide, data, num_epochs=3, lr=1e-2, progress=False, seed=0)
+    assert guide.num_collected >= min(4, 6)
+    posterior = guide.get_posterior()
+    sd = posterior.variance.sqrt()
+    # AdamW moves every coordinate by about lr = 1e-2 per step, so the iterates scatter by ~1e-3..1e-2; a
+    # collapsed SWAG has sd = sqrt(0.5 * 0.5 * 1e-12) = 5e-7. 1e-4 sits two orders of magnitude from both.
+    assert sd.median() > 1e-4, sd.median()
+    assert posterior.cov_factor.abs().sum(0).gt(0).sum() >= 2  # a real low-rank part of at least two columns
+
+
+@pytest.mark.parametrize("epoch_steps", [None, 1, 3, 10])
+@pytest.mark.parametrize("collect_steps", [1, 2, 5, 19, 20, 21, 100, 1000])
+@pytest.mark.parametrize("rank", [1, 2, 20])
+def test_swag_collection_frequency_yields_min_of_rank_and_steps(collect_steps, rank, epoch_steps):
+    from pyrolora.inference.swag import collection_frequency
+
+    frequency = collection_frequency(collect_steps, rank, epoch_steps)
+    assert collect_steps // frequency >= min(rank, collect_steps)
+    if epoch_steps is not None and collect_steps // epoch_steps >= rank:
+        assert frequency == epoch_steps  # the paper's once-per-epoch rule when it suffices
+
+
+def test_swag_warns_when_fewer_than_two_iterates_are_collected():
+    from pyrolora.errors import SWAGWarning
+
+    model, data = _build(), _data()
+    guide = guides.make("swag", model, rank=4, start=0.5, frequency=100)
+    with pytest.warns(SWAGWarning, match=r"collected 1 iterate over 2 collection steps \(frequency 100"):
+        fit_posterior(model, guide, data, num_steps=4, progress=False, seed=0)
+    assert guide.num_collected == 1
+
+
+def test_swag_collects_sgd_iterates_when_asked(monkeypatch):
+    model, data = _build(), _data()
+    with pytest.raises(Exception, match="explicit collect_lr"):
+        guides.make("swag", model, collect_optimizer="sgd")
+    with pytest.raises(Exception, match="needs collect_optimizer='sgd'"):
+        guides.make("swag", model, collect_momentum=0.9)
+    guide = guides.make("swag", model, rank=2, start=2, frequency=1, collect_optimizer="sgd", collect_lr=1e-3)
+    seen = []
+    original = torch.optim.SGD.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("momentum"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "__init__", spy)
+    result = fit_posterior(model, guide, data, num_steps=5, lr=1e-2, progress=False, seed=0)
+    assert seen == [0.0]  # one SGD optimizer, for the collection stage only
+    assert result.learning_rates[2:] == [1e-3] * 3 and guide.num_collected == 3
+
+
+def test_blockwise_joint_posterior_is_the_product_of_its_blocks():
+    from pyrolora.diagnostics.spectrum import covariance_spectrum
+
+    model, data = _build(priors.Hierarchical(per_module=True)), _data()  # adapter blocks and mean-field scales
+    guide = guides.make("blockwise", model, rank=2)
+    fit(model, guide, data, num_steps=5, lr=0.05, progress=False, seed=0)  # move every parameter off its init
+    joint = guide.get_posterior()
+    reference = guides.make("lowrank", model)
+    guides.setup(reference, model)
+    d = reference.latent_dim
+    order = [(site["name"], u.numel()) for site, u in reference._unpack_latent(torch.zeros(d))]
+    assert joint.loc.shape == (d,) and len(order) == 8  # 4 adapter cores and 4 per-module prior scales
+    # the blocks, read from the parts, in the order every AutoContinuous guide flattens the sites
+    parts = {}
+    for part in guide:
+        for name, _ in part.prototype_trace.iter_stochastic_nodes():
+            if isinstance(part, pyro.infer.autoguide.AutoLowRankMultivariateNormal):
+                parts[name] = part.get_posterior()
+            else:
+                loc, scale = part._get_loc_and_scale(name)
+                parts[name] = pyro.distributions.Normal(loc.reshape(-1), scale.reshape(-1)).to_event(1)
+    with torch.no_grad():
+        z = joint.sample((6,))  # (6, D)
+        pieces = torch.split(z, [n for _, n in order], dim=-1)
+        by_blocks = sum(parts[name].log_prob(piece) for (name, _), piece in zip(order, pieces, strict=True))
+        # float32 log densities of ~20 terms of size ~10: rounding stays far below 1e-3
+        assert torch.allclose(joint.log_prob(z), by_blocks, atol=1e-3, rtol=0)
+        cov, start = joint.covariance_matrix, 0
+        for name, n in order:
+            block = parts[name]
+            assert torch.allclose(joint.loc[start : start + n], block.mean, atol=1e-6)
+            block_cov = getattr(block, "covariance_matrix", None)
+            if block_cov is None:
+                block_cov = torch.diag(block.variance)
+            assert torch.allclose(cov[start : start + n, start : start + n], block_cov, atol=1e-6)
+            outside = torch.cat([cov[start : start + n, :start], cov[start : start + n, start + n :]], dim=1)
+            assert outside.abs().max() == 0  # independent blocks
+            start += n
+        spectrum = covariance_spectrum(guide)  # consumed like any Gaussian guide: the fitted covariance
+        assert spectrum.source == "fitted"
+        expected = torch.linalg.eigvalsh(cov.double()).flip(0)
+        assert torch.allclose(spectrum.eigenvalues, expected, atol=1e-9)
+
+
 REPRESENTATIVE_PRIORS = {
     "isotropic": lambda: priors.IsotropicNormal(0.1),
     "per_module": lambda: {"query": priors.IsotropicNormal(0.05), "value": priors.IsotropicNormal(0.3)},

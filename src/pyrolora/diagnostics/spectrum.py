@@ -9,6 +9,7 @@ Closed forms, read through the guide contract ``get_posterior()``:
 - ``lowrank`` (``AutoLowRankMultivariateNormal``): ``Σ = L Lᵀ + diag(d)``, L of shape (D, K);
 - ``full`` (``AutoMultivariateNormal``): ``Σ = L Lᵀ`` with L lower-triangular (D, D);
 - ``diagonal`` (``AutoDiagonalNormal``): ``Σ = diag(σ²)``, whose eigenvalues are the variances themselves.
+- ``blockwise``: ``Σ = F Fᵀ + diag(d)`` with F block-diagonal (one low-rank block per module).
 
 The empirical covariance of S draws ``Σ̂ = (1/(S-1)) Σ_s (θ_s - θ̄)(θ_s - θ̄)ᵀ`` has rank at most S - 1, so
 its spectrum beyond index S - 1 is zero by construction; draw more than D samples to see the whole spectrum.

@@ -253,7 +253,7 @@ class Blockwise(autoguide.AutoGuideList):
     one joint ``lowrank`` Gaussian, which cannot represent correlations between modules but costs nothing to
     shard. Latent sites that are not adapter cores (hyperparameters of a hierarchical prior) get a mean-field
     normal. Part ``i`` of the list is the guide of ``model.site_names[i]`` and has its own ``get_posterior()``;
-    the whole has no joint one. Stores D·(K + 2) numbers (K capped at r² per block).
+    :meth:`get_posterior` joins them exactly. Stores D·(K + 2) numbers (K capped at r² per block).
     """
 
     def __init__(self, model: BayesianLoraModel, rank: int = 2, init_scale: float = DEFAULT_INIT_SCALE) -> None:
@@ -274,6 +274,36 @@ class Blockwise(autoguide.AutoGuideList):
         if others:
             rest = poutine.block(model, expose=others)
             self.append(autoguide.AutoNormal(rest, init_loc_fn=init_to_feasible, init_scale=init_scale))
+
+    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.LowRankMultivariateNormal:
+        """The exact joint posterior over all latents, unconstrained, in the model's trace order (the order of
+        every ``AutoContinuous`` guide, e.g. ``lowrank``).
+
+        Independent blocks ``N(μ_l, F_l F_lᵀ + diag(d_l))`` join into one low-rank-plus-diagonal Gaussian::
+
+            μ = concat_l μ_l   (D,)        d = concat_l d_l   (D,)
+            F = blockdiag(F_1, ..., F_L)   (D, Σ_l K_l)
+
+        since ``F Fᵀ`` is then block-diagonal with blocks ``F_l F_lᵀ``; a mean-field site (a hyperparameter,
+        unconstrained) contributes its loc, its variance to d and a zero-width block to F.
+        """
+        if self.prototype_trace is None:
+            raise ConfigError("the blockwise guide has no parameters yet; fit it or call guides.setup(guide, model).")
+        blocks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for part in self:
+            if isinstance(part, autoguide.AutoLowRankMultivariateNormal):
+                (name,) = [n for n, _ in part.prototype_trace.iter_stochastic_nodes()]
+                block = part.get_posterior()
+                blocks[name] = (block.loc, block.cov_factor, block.cov_diag)  # (n,), (n, K), (n,)
+            else:
+                for name, _ in part.prototype_trace.iter_stochastic_nodes():
+                    loc, scale = part._get_loc_and_scale(name)
+                    loc, scale = loc.reshape(-1), scale.reshape(-1)
+                    blocks[name] = (loc, loc.new_zeros(loc.numel(), 0), scale.square())
+        order = [name for name, _ in self.prototype_trace.iter_stochastic_nodes()]
+        locs, factors, diags = zip(*(blocks[name] for name in order), strict=True)
+        factor = torch.block_diag(*factors)  # (D, Σ K_l)
+        return dist.LowRankMultivariateNormal(torch.cat(locs), factor, torch.cat(diags))
 
 
 @register("blockwise")
@@ -345,9 +375,20 @@ def swag(
     frequency: int | None = None,
     collect_lr: float | None = None,
     scale: float = 0.5,
+    collect_optimizer: str | None = None,
+    collect_momentum: float = 0.0,
 ) -> SWAG:
     """SWAG collected from MAP iterates of the same model (see :class:`~pyrolora.inference.swag.SWAG`)."""
-    return SWAG(model, rank=rank, start=start, frequency=frequency, collect_lr=collect_lr, scale=scale)
+    return SWAG(
+        model,
+        rank=rank,
+        start=start,
+        frequency=frequency,
+        collect_lr=collect_lr,
+        scale=scale,
+        collect_optimizer=collect_optimizer,  # type: ignore[arg-type]
+        collect_momentum=collect_momentum,
+    )
 
 
 @register("nuts")

@@ -182,8 +182,14 @@ class NUTS(PointStart):
         self.sampled.fill_(True)
         return self.diagnostics
 
-    def fit_posterior(self, model: nn.Module, data: Iterable[Any], **fit_kwargs: Any):
+    def fit_posterior(
+        self, model: nn.Module, data: Iterable[Any], *, sample_data: Iterable[Any] | None = None, **fit_kwargs: Any
+    ):
         """MAP training with :func:`pyrolora.fit` (when ``num_epochs`` or ``num_steps`` is given), then NUTS.
+
+        ``sample_data`` (default ``data``) is what the chains' full-data potential iterates over: the same
+        training examples, e.g. in larger batches than MAP training uses (every leapfrog step passes over all of
+        them, so on a GPU a few large batches are much faster than many small ones; the potential is the same).
 
         Returns a :class:`~pyrolora.inference.FitResult` whose losses are the MAP stage's and whose
         ``seconds`` include sampling.
@@ -200,6 +206,7 @@ class NUTS(PointStart):
 
                 setup(self, model)
         begin = time.perf_counter()
-        self.sample(model, data, seed=fit_kwargs.get("seed"), progress=fit_kwargs.get("progress", True))
+        chain_data = data if sample_data is None else sample_data
+        self.sample(model, chain_data, seed=fit_kwargs.get("seed"), progress=fit_kwargs.get("progress", True))
         result.seconds += time.perf_counter() - begin
         return result

@@ -29,6 +29,7 @@ from pyrolora.models import BayesianLoraModel
 __all__ = ["FitResult", "fit", "kl_annealing", "make_schedule"]
 
 Schedule = Literal["cosine", "linear", "constant"]
+Optimizer = Literal["adamw", "sgd"]
 
 
 @dataclass
@@ -121,6 +122,22 @@ def _kl_schedule(kl_weight: float | Callable[[int, int], float]) -> Callable[[in
     return lambda step, num_steps: value
 
 
+def _check_optimizer(optimizer: Any, momentum: Any) -> None:
+    if optimizer not in ("adamw", "sgd"):
+        raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
+        raise ConfigError(f"momentum must be a number in [0, 1), got {momentum!r}.")
+    if momentum and optimizer != "sgd":
+        raise ConfigError(f"momentum={momentum!r} applies to optimizer='sgd' only (got {optimizer!r}); drop it.")
+
+
+def _make_optimizer(kind: Optimizer, groups: list[dict[str, Any]], momentum: float) -> torch.optim.Optimizer:
+    """AdamW, or SGD (with ``momentum``) over the same parameter groups and learning rates."""
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
+    return torch.optim.AdamW(groups)
+
+
 def fit(
     model: BayesianLoraModel,
     guide: nn.Module,
@@ -146,14 +163,17 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume_from: str | Path | None = None,
+    optimizer: Optimizer = "adamw",
+    momentum: float = 0.0,
 ) -> FitResult:
     """Fit ``guide`` (and the model's head) by maximising the ELBO with a torch optimizer.
 
     Each step draws ``num_particles`` samples of θ from the guide and minimises the negative ELBO estimate
     ``-(N/B) Σ_batch log p(y|x, θ) + log q(θ) - log p(θ)`` (the data plate scales the minibatch); with the
-    ``delta`` guide this is MAP training of LoRA-XS. The guide's parameters use AdamW with ``lr`` and no weight
-    decay (the prior regularises); the head uses ``head_lr`` and ``head_weight_decay``. All Pyro settings are
-    scoped to the call: it runs in Pyro's module-local parameter mode and touches no global parameter store.
+    ``delta`` guide this is MAP training of LoRA-XS. The guide's parameters use AdamW (or SGD, see
+    ``optimizer``) with ``lr`` and no weight decay (the prior regularises); the head uses ``head_lr`` and
+    ``head_weight_decay``. All Pyro settings are scoped to the call: it runs in Pyro's module-local parameter
+    mode and touches no global parameter store.
 
     Args:
         model: the Bayesian model.
@@ -193,6 +213,13 @@ def fit(
         checkpoint_every: steps between checkpoints (default 100).
         resume_from: a checkpoint file (or its folder) of an interrupted fit with the same model, guide, data
             and settings; the fit continues from it and ends where the uninterrupted fit would have.
+        optimizer: ``"adamw"`` (the default) or ``"sgd"``: plain stochastic gradient descent
+            ``θ ← θ - η_t (g_t + λ θ)``, with heavy-ball momentum if ``momentum`` > 0 (``head_weight_decay`` is
+            then the coupled L2 coefficient λ). The loss is summed over the N training examples, so SGD's
+            gradients grow with N and its stable ``lr`` is about 1 / (N · per-example curvature), far below
+            AdamW's, whose step size does not depend on the gradient's scale. SWAG's theory (iterates of
+            constant-lr SGD scatter around the optimum like a posterior) is about SGD.
+        momentum: SGD momentum in [0, 1); only with ``optimizer="sgd"``.
 
     Returns:
         A :class:`FitResult` with the loss history.
@@ -218,6 +245,7 @@ def fit(
     if warmup < 0:
         raise ConfigError(f"warmup must be >= 0, got {warmup!r}.")
     warmup_steps = round(warmup * num_steps) if warmup < 1 else int(warmup)
+    _check_optimizer(optimizer, momentum)
     elbo = loss if loss is not None else Trace_ELBO(num_particles=num_particles)
     device = model.device
     if distributed.is_distributed():  # under torchrun: shard every global batch, average gradients with DDP
@@ -253,7 +281,7 @@ def fit(
         groups = [{"params": guide_params + model.prior_parameters(), "lr": lr, "weight_decay": 0.0}]
         if head_params:
             groups.append({"params": head_params, "lr": head_lr, "weight_decay": head_weight_decay})
-        optimizer = torch.optim.AdamW(groups)
+        optimizer = _make_optimizer(optimizer, groups, momentum)  # the name now holds the torch optimizer
         scheduler = make_schedule(optimizer, schedule, warmup_steps, num_steps)
         params = guide_params + model.prior_parameters() + head_params
         context = autocast(precision, device)

@@ -13,23 +13,34 @@ and the posterior is the low-rank-plus-diagonal Gaussian (the paper's family)::
     q(z) = N(z̄, c · ½ (diag(var) + D̂ D̂ᵀ / (K - 1)))
 
 with ``c`` the sample scale (``scale``; SWAG's default 0.5 halves the variance again). With fewer than two
-collected iterates the low-rank part is dropped.
+collected iterates the low-rank part is dropped and the variance sits at its floor; :class:`SWAGWarning` says
+so.
+
+How many iterates: with C collection steps, K the rank and E steps per epoch, the default frequency is::
+
+    f = E                  if C // E >= K       (once per epoch, as in the SWAG paper, when that gives K iterates)
+    f = max(1, C // K)     otherwise             (spread over the collection stage)
+
+so ``C // f >= min(K, C)`` iterates are collected (if C >= K then f <= C / K, hence C / f >= K; else f = 1).
+The paper's once-per-epoch rule alone collects ``C // E`` iterates, e.g. one in a 3-epoch run collecting
+from epoch 1.5, which makes the posterior a point mass.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrolora.errors import ConfigError
+from pyrolora.errors import ConfigError, SWAGWarning
 from pyrolora.inference.latent import PointStart
 
-__all__ = ["SWAG"]
+__all__ = ["SWAG", "collection_frequency"]
 
 #: Floor on the diagonal variance, so that the Gaussian stays proper when an iterate never moved.
 _VAR_FLOOR = 1e-12
@@ -39,6 +50,15 @@ def _positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"swag {what} must be a positive integer, got {value!r}.")
     return value
+
+
+def collection_frequency(collect_steps: int, rank: int, epoch_steps: int | None) -> int:
+    """The default steps between two collections (see the module docstring): once per epoch when that yields
+    at least ``rank`` iterates, else ``max(1, collect_steps // rank)``, so that ``min(rank, collect_steps)`` or
+    more are collected."""
+    if epoch_steps is not None and epoch_steps > 0 and collect_steps // epoch_steps >= rank:
+        return epoch_steps
+    return max(1, collect_steps // rank)
 
 
 class SWAG(PointStart):
@@ -54,10 +74,23 @@ class SWAG(PointStart):
         start: when collection starts: a fraction of all steps if < 1, else a step count. Before it, MAP
             training follows ``fit``'s learning-rate schedule.
         frequency: steps between two collections; ``None`` collects once per epoch (every ``len(data)`` steps,
-            as in the SWAG paper), or every step for data without a length.
-        collect_lr: the constant learning rate during collection; ``None`` uses ``fit``'s ``lr``.
+            as in the SWAG paper) when the collection stage spans at least K epochs, else spreads the
+            collections evenly so that at least min(K, collection steps) iterates are collected
+            (:func:`collection_frequency`).
+        collect_lr: the constant learning rate during collection; ``None`` uses ``fit``'s ``lr`` (AdamW only:
+            ``collect_optimizer="sgd"`` needs it explicitly).
         scale: the sample scale c (a variance multiplier; 0.5 in the SWAG paper's code, 1 gives the raw
             moment estimate).
+        collect_optimizer: the optimizer of the collection stage, ``"adamw"`` or ``"sgd"`` (see
+            :func:`pyrolora.fit`); ``None`` (the default) keeps the MAP stage's (``fit``'s ``optimizer``, AdamW
+            unless given). The SWAG paper collects constant-lr SGD iterates, whose stationary scatter around
+            the optimum has a covariance proportional to lr × the gradient noise, which is what makes the
+            moments a posterior approximation; pick ``"sgd"`` with ``collect_lr`` for the paper's method. It
+            is not the default because pyrolora's loss is summed over the N training examples: SGD's stable
+            step is about 1 / (N · curvature), so the MAP's AdamW ``lr`` (1e-2) would diverge, and the
+            switch would change existing runs. AdamW's iterates scatter by about ``lr`` per coordinate
+            whatever the curvature, so their spread is a heuristic, not a posterior.
+        collect_momentum: SGD momentum of the collection stage (``collect_optimizer="sgd"`` only).
     """
 
     swag_mean: torch.Tensor
@@ -73,6 +106,8 @@ class SWAG(PointStart):
         frequency: int | None = None,
         collect_lr: float | None = None,
         scale: float = 0.5,
+        collect_optimizer: Literal["adamw", "sgd"] | None = None,
+        collect_momentum: float = 0.0,
     ) -> None:
         super().__init__(model)
         self.rank = _positive_int(rank, "rank K")
@@ -86,6 +121,22 @@ class SWAG(PointStart):
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
             raise ConfigError(f"swag sample scale must be a positive number, got {scale!r}.")
         self.scale = float(scale)
+        if collect_optimizer not in (None, "adamw", "sgd"):
+            raise ConfigError(f"swag collect_optimizer must be 'adamw', 'sgd' or None, got {collect_optimizer!r}.")
+        if collect_optimizer == "sgd" and collect_lr is None:
+            raise ConfigError(
+                "swag collect_optimizer='sgd' needs an explicit collect_lr: the loss is summed over the N training "
+                "examples, so SGD's stable step is about 1 / (N x curvature), far below the AdamW lr of the MAP stage."
+            )
+        bad_momentum = isinstance(collect_momentum, bool) or not isinstance(collect_momentum, int | float)
+        if bad_momentum or not 0 <= collect_momentum < 1:
+            raise ConfigError(f"swag collect_momentum must be a number in [0, 1), got {collect_momentum!r}.")
+        if collect_momentum and collect_optimizer != "sgd":
+            raise ConfigError(
+                f"swag collect_momentum={collect_momentum!r} needs collect_optimizer='sgd', got {collect_optimizer!r}."
+            )
+        self.collect_optimizer = collect_optimizer
+        self.collect_momentum = float(collect_momentum)
 
     def _setup_state(self) -> None:
         d, like = self.latent_dim, self.loc.detach()
@@ -182,7 +233,8 @@ class SWAG(PointStart):
         pre = round(self.start * num_steps) if self.start < 1 else int(self.start)
         if pre >= num_steps:
             raise ConfigError(f"swag start={self.start!r} leaves no step for collection out of {num_steps}; lower it.")
-        frequency = self.frequency or batches or 1
+        collect_steps = num_steps - pre
+        frequency = self.frequency or collection_frequency(collect_steps, self.rank, batches)
         results: list[FitResult] = []
         with self.map_stage():
             if pre > 0:
@@ -197,12 +249,14 @@ class SWAG(PointStart):
                     callback(pre + step, loss)
 
             extra = {**fit_kwargs, "schedule": "constant", "warmup": 0}
+            if self.collect_optimizer is not None:
+                extra.update(optimizer=self.collect_optimizer, momentum=self.collect_momentum)
             results.append(
                 fit(
                     model,
                     self,
                     data,
-                    num_steps=num_steps - pre,
+                    num_steps=collect_steps,
                     lr=self.collect_lr or lr,
                     seed=None if seed is None else seed + 1,
                     callback=collect,
@@ -211,6 +265,15 @@ class SWAG(PointStart):
             )
         if self.num_collected == 0:
             self.collect()  # fewer collection steps than the frequency: keep at least the final iterate
+        if self.num_collected < 2:
+            warnings.warn(
+                f"SWAG collected {self.num_collected} iterate over {collect_steps} collection steps (frequency "
+                f"{frequency}, rank K={self.rank}): its covariance is degenerate (variance at the floor "
+                f"{_VAR_FLOOR:g}, no low-rank part), so the posterior is a point mass. Lower `frequency` (or leave "
+                "it None), lower `start`, or train longer, so that at least 2 (ideally K) iterates are collected.",
+                SWAGWarning,
+                stacklevel=2,
+            )
         merged = FitResult(dataset_size=results[0].dataset_size)
         for part in results:
             merged.losses += part.losses
