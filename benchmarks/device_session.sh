@@ -8,6 +8,8 @@
 #                                                          || zoo rows laplace/swag/nuts || SWAG rows of the GLUE grid
 #   step 4  carry .device/minilm                           SST-2 long regime (4,000 rows, 20 epochs, 3 seeds, with
 #                                                          the two SVI probes) || SWAG and MC-dropout rows of QA
+#   step 34 carry .device/minilm                           on two GPUs: steps 3 and 4 at once, one GPU each
+#   step 5  (nothing)                                      two GPUs: distributed_scaling.py, 1 vs 2 processes
 #
 # .whl holds pyro-ppl, pyro-api, gguf and vaderSentiment wheels for Python 3.12 (the device image has torch,
 # transformers and peft); .device/minilm an fp16 copy of all-MiniLM-L6-v2 (fp32 is built from it on the device);
@@ -56,8 +58,24 @@ case "$1" in
         > $OUT/tasks-qa.log 2>&1; echo "qa rc=$?" >> $OUT/tasks-qa.log) &
     wait
     ;;
+34)
+    # a machine with two GPUs: steps 3 and 4 at once, one GPU each (32 cores hold both groups' workers)
+    CUDA_VISIBLE_DEVICES=0 bash "$0" 3 &
+    CUDA_VISIBLE_DEVICES=1 bash "$0" 4 &
+    wait
+    cp -r .device/minilm $STAGE/minilm  # for step 5, in case the next call's tree no longer holds it
+    ;;
+5)
+    # issue 9: data-parallel SVI, 1 process against 2 (one GPU each, NCCL), same global batches
+    M=$STAGE/minilm; [ -d "$M" ] || M=.device/minilm
+    python3 benchmarks/distributed_scaling.py --model minilm --model-path $M --nprocs 1 2 --steps 200 \
+        --batch-size 64 --out $OUT/scale-minilm > $OUT/scale-minilm.log 2>&1 || echo "minilm rc=$?" >> $OUT/scale-minilm.log
+    python3 benchmarks/distributed_scaling.py --model llama1b --nprocs 1 2 --steps 30 --batch-size 16 \
+        --seq-len 128 --dtype bfloat16 --out $OUT/scale-llama1b > $OUT/scale-llama1b.log 2>&1 \
+        || echo "llama1b rc=$?" >> $OUT/scale-llama1b.log
+    ;;
 *)
-    echo "usage: $0 1|2|3|4" >&2
+    echo "usage: $0 1|2|3|4|34|5" >&2
     exit 2
     ;;
 esac
