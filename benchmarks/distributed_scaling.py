@@ -143,7 +143,8 @@ def _build(args: argparse.Namespace, device: torch.device) -> tuple[Any, list[An
     backbone = backbone.to(dtype)  # bfloat16: the head too (for speed; the parameter match wants float32)
     adapters = inject_adapters(backbone, LoraXSConfig(rank=args.rank, target_modules=targets))
     model = BayesianLoraModel(backbone, adapters, dataset_size=len(batches) * args.batch_size)
-    return model, batches, numel
+    # the model's own buffers (prior, head state) start on the CPU; the guide is built on the model's device
+    return model.to(device), batches, numel
 
 
 def _sst2(args: argparse.Namespace) -> tuple[list[str], list[int]]:
