@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -289,9 +290,12 @@ class DataParallelELBO:
             from torch.nn.parallel import DistributedDataParallel
 
             _check_same_backbone(self.model, self.model.device)
-            # forward_sync_buffers=False: the guide and head have no running statistics to keep in step; the
-            # initial broadcast of parameters and buffers from process 0 still happens.
-            self._ddp = DistributedDataParallel(_guide_and_head(self.model, self.guide), forward_sync_buffers=False)
+            # no buffer sync at each forward: the guide and head have no running statistics to keep in step; the
+            # initial broadcast of parameters and buffers from process 0 still happens. The keyword is
+            # forward_sync_buffers from torch 2.13 on, broadcast_buffers before (torch 2.11 has only that one).
+            params = inspect.signature(DistributedDataParallel.__init__).parameters
+            no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+            self._ddp = DistributedDataParallel(_guide_and_head(self.model, self.guide), **{no_sync: False})
         return self._ddp
 
     def differentiable_loss(self, model: nn.Module, guide: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
