@@ -186,3 +186,5 @@ def test_scaling_benchmark_smoke(tmp_path, monkeypatch):
     # ELBO weighting or a missing gradient average would differ by more than 1e-3 after 4 steps of lr 1e-2.
     assert two["rel_l2_diff"] < 1e-5
     assert (tmp_path / "summary.md").read_text().count("\n| ") == 3  # header and two rows
+    # by default both process counts take Pyro's loss path (a distributed fit cannot take the lean step)
+    assert one["loss_path"] == two["loss_path"] == "pyro"
