@@ -5,13 +5,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pyrolora.errors import DataError, TruncationWarning
 
-__all__ = ["ClassificationSplit", "TokenizedLoader", "split_indices"]
+__all__ = ["ClassificationSplit", "TokenizedLoader", "read_text", "split_indices"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,25 @@ class ClassificationSplit:
             human_probs=None if self.human_probs is None else self.human_probs[index],
             ids=pick(self.ids),
         )
+
+
+def read_text(path: Path) -> str:
+    """The whole text of a data file, line ends untouched ("\r" stays visible), a byte-order mark dropped.
+
+    Raises:
+        DataError: when the file is missing (naming where data are looked for and the hub alternative) or is
+            not UTF-8 text.
+    """
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} does not exist; point the task's data folder (task.data_dir or $PYROLORA_DATA) at the "
+            "folder that holds it, or load the task from the hub (task.source = 'hub')."
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read {path} as UTF-8 text: {err}") from err
 
 
 def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:

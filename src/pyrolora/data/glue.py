@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pyrolora.data.base import ClassificationSplit
+from pyrolora.data.base import ClassificationSplit, read_text
 from pyrolora.errors import DataError
 
 __all__ = ["GLUE_TASKS", "TsvSpec", "load_tsv", "records_to_split"]
@@ -95,17 +95,7 @@ GLUE_TASKS: dict[str, TsvSpec] = {
 
 def _read_rows(path: Path, spec: TsvSpec) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The column names and the (line number, fields) of every non-blank data row."""
-    try:
-        # utf-8-sig drops a byte-order mark if there is one; newline="" keeps "\r" visible for rstrip below
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            lines = handle.read().split("\n")
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} does not exist; point the task's data folder (task.data_dir or $PYROLORA_DATA) at the "
-            "folder that holds it, or load the task from the hub (task.source = 'hub')."
-        ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read {path} as UTF-8 text: {err}") from err
+    lines = read_text(path).split("\n")  # "\r" stays visible for rstrip below
     numbered = [(i, line.rstrip("\r")) for i, line in enumerate(lines, start=1)]
     numbered = [(i, line) for i, line in numbered if line.strip()]
     if spec.has_header:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from pyrolora.data.base import read_text
 from pyrolora.errors import DataError
 
 __all__ = [
@@ -161,16 +162,7 @@ def load_mcqa_jsonl(path: str | Path, num_options: int | None = None) -> Multipl
             answerKey, or the answerKey is not one of its choice labels; the message names file and line.
     """
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8-sig") as handle:
-            lines = handle.read().splitlines()
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} does not exist; point the task's data folder (task.data_dir or $PYROLORA_DATA) at the "
-            "folder that holds it, or load the task from the hub (task.source = 'hub')."
-        ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read {path} as UTF-8 text: {err}") from err
+    lines = read_text(path).splitlines()
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
