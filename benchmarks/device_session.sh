@@ -13,6 +13,7 @@
 #   ood-minilm  carry .whl .device/data .device/minilm     install, then the missing MiniLM rows of the OOD table
 #   stage-aa    carry .device/smol/part.aa                 half the GGUF
 #   ood-arc     carry .device/smol/part.ab                 the GGUF, then the missing ARC-Easy/OpenBookQA rows
+#   ood-seeds-minilm, stage-aa, ood-seeds-arc               the same three calls for seeds 1 and 2 of every row
 #
 # As run on 2026-11-29 (nvidia-h200-x2): steps 1, 2 and 34. In step 34 the ood.py run finished no job in its
 # 600 s (its driver had built a model before starting its worker pool; ood.py no longer does); it was run again
@@ -120,6 +121,26 @@ ood-arc)
         || echo "rc=$?" >> $OUT/ood-arc.log
     bash "$0" pack ood-arc ood-arc
     ;;
+ood-seeds-minilm)
+    # seeds 1 and 2 of every method on the three MiniLM pairs (carry .whl .device/data .device/minilm)
+    bash "$0" install
+    export PYTHONFAULTHANDLER=1; ulimit -c 0
+    mkdir -p $OUT/ood-seeds-minilm /tmp/models-s && ln -sfn /tmp/models-s $OUT/ood-seeds-minilm/_models
+    timeout -s ABRT -k 30 540 python3 benchmarks/ood.py --size full --seeds 2 --first-seed 1 --workers 12 \
+        --pairs vader_sst2,sst2_cola,cola_in_out --minilm .device/minilm --deadline 330 --out $OUT/ood-seeds-minilm \
+        > $OUT/ood-seeds-minilm.log 2>&1 || echo "rc=$?" >> $OUT/ood-seeds-minilm.log
+    bash "$0" pack ood-seeds-minilm ood-seeds-minilm
+    ;;
+ood-seeds-arc)
+    # seeds 1 and 2 of every method on ARC-Easy vs OpenBookQA (carry .device/smol/part.ab, after stage-aa)
+    cat $STAGE/part.aa .device/smol/part.ab > $GGUF && rm $STAGE/part.aa
+    export PYTHONFAULTHANDLER=1; ulimit -c 0
+    mkdir -p $OUT/ood-seeds-arc /tmp/models-sa && ln -sfn /tmp/models-sa $OUT/ood-seeds-arc/_models
+    timeout -s ABRT -k 30 540 python3 benchmarks/ood.py --size full --seeds 2 --first-seed 1 --workers 14 \
+        --pairs arc_obqa --smollm2 $GGUF --out $OUT/ood-seeds-arc > $OUT/ood-seeds-arc.log 2>&1 \
+        || echo "rc=$?" >> $OUT/ood-seeds-arc.log
+    bash "$0" pack ood-seeds-arc ood-seeds-arc
+    ;;
 install)
     mkdir -p $STAGE
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -134,7 +155,7 @@ pack)
     ls -la $OUT
     ;;
 *)
-    echo "usage: $0 1|2|3|4|34|ood-groups|5|ood-minilm|stage-aa|ood-arc" >&2
+    echo "usage: $0 1|2|3|4|34|ood-groups|5|ood-minilm|stage-aa|ood-arc|ood-seeds-minilm|ood-seeds-arc" >&2
     exit 2
     ;;
 esac

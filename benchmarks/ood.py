@@ -156,8 +156,9 @@ def make_jobs(args: argparse.Namespace, configs: dict[str, dict], with_mc: dict[
     for pair in args.pairs:
         base = configs[pair]
         size = base["method"]["ensemble_size"]
-        seeds = list(range(args.seeds))
-        map_seeds = seeds + (list(range(args.seeds, args.seeds + size - 1)) if "ensemble" in wants else [])
+        end = args.first_seed + args.seeds
+        seeds = list(range(args.first_seed, end))
+        map_seeds = seeds + (list(range(end, end + size - 1)) if "ensemble" in wants else [])
         plan: list[tuple[str, int, dict[str, Any]]] = []
         if "lora" in wants:
             plan += [("lora", s, {"method": {**base["method"], "name": "peft_lora"}}) for s in seeds]
@@ -175,7 +176,7 @@ def make_jobs(args: argparse.Namespace, configs: dict[str, dict], with_mc: dict[
             if method in wants:
                 plan += [(grid.KINDS[method], s, {"guide": grid.guide_of(method, args.swag_frequency)}) for s in seeds]
         for kind, seed, change in plan:
-            mc = kind == "delta" and with_mc[pair] and seed < args.seeds
+            mc = kind == "delta" and with_mc[pair] and seed < end
             predict = base["predict"]
             if kind == "delta" and not mc:  # a point mass: S draws would be S identical copies
                 predict = {**predict, "num_samples": 1}
@@ -272,7 +273,7 @@ def summarize(
         members = configs[pair]["method"]["ensemble_size"]
         for method in args.methods:
             reports = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed + args.seeds):  # (after --merge: every seed below the largest)
                 found = method_samples(method, pair, seed, runs, members)
                 if found is not None:
                     reports.append(
@@ -323,6 +324,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pairs", default=",".join(PAIRS), type=lambda s: s.split(","))
     parser.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds FIRST .. FIRST+SEEDS-1 (add seeds to an earlier run, then --summarize-only --merge both)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ood"))
     parser.add_argument("--summarize-only", action="store_true", help="rebuild the table from saved runs, no training")
     parser.add_argument(
@@ -337,6 +344,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bad = [p for p in args.pairs if p not in PAIRS] + [m for m in args.methods if m not in METHODS]
     if bad:
         parser.error(f"unknown pair(s) or method(s) {bad}; pairs {list(PAIRS)}, methods {list(METHODS)}")
+    if args.seeds < 1 or args.first_seed < 0:
+        parser.error(f"--seeds must be >= 1 and --first-seed >= 0, got {args.seeds} and {args.first_seed}")
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     from pyrolora.config import RunConfig
@@ -349,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         configs = {p: c for s in saved for p, c in s["configs"].items()}
         skipped = {k: v for s in saved for k, v in s["skipped"].items()}
         args.pairs = [p for p in args.pairs if p in configs]
-        args.seeds = max(s["seeds"] for s in saved)
+        args.seeds, args.first_seed = max(s["seeds"] for s in saved), 0
     else:
         tasks = [PAIR_TASK[p] for p in args.pairs]
         models = grid.prepare_models(args.size, args.out / "_models", args.minilm, args.smollm2, tasks)
@@ -375,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         done = [r for d in sources for r in load_results(d)]
         jobs = done
     else:
-        info = {"size": args.size, "seeds": args.seeds, "configs": configs, "skipped": skipped}
+        # "seeds": one past the largest seed, the range a later --summarize-only reads
+        info = {"size": args.size, "seeds": args.first_seed + args.seeds, "configs": configs, "skipped": skipped}
         (args.out / RUN_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         jobs = make_jobs(args, configs, with_mc)
         print(f"{len(jobs)} jobs, {args.workers or 1} at a time; models {models}", flush=True)

@@ -31,6 +31,29 @@ def test_ensemble_and_mc_dropout_probabilities_come_from_the_right_runs():
     assert ood.method_samples("swag", "sst2_cola", 0, runs, members=3) is None
 
 
+def test_first_seed_adds_later_seeds_and_the_ensemble_members_they_need():
+    import argparse
+
+    models = {"minilm": "minilm", "smollm2": "smollm2"}  # only the plan is built, nothing is loaded
+    configs = {p: ood.pair_config(p, "full", models) for p in ("sst2_cola", "arc_obqa")}
+    args = argparse.Namespace(
+        pairs=list(configs), methods=list(ood.METHODS), seeds=2, first_seed=1, swag_frequency=None,
+        size="full", device=None, threads=1, autocast=False,
+    )  # fmt: skip
+    jobs = ood.make_jobs(args, configs, {"sst2_cola": True, "arc_obqa": False})
+    seeds = {(j["pair"], j["kind"]): sorted(x["seed"] for x in jobs if (x["pair"], x["kind"]) == (j["pair"], j["kind"]))
+             for j in jobs}  # fmt: skip
+    members = configs["sst2_cola"]["method"]["ensemble_size"]
+    # seeds 1 and 2 of every method; the MAP runs also complete the ensembles of seeds 1 and 2 (seeds 1 .. 2 + M - 1)
+    assert (
+        seeds[("sst2_cola", "lora")] == seeds[("sst2_cola", "lowrank")] == seeds[("arc_obqa", "mc_dropout")] == [1, 2]
+    )
+    assert seeds[("sst2_cola", "delta")] == list(range(1, 2 + members))
+    # the encoder's MC-dropout passes ride on the MAP runs of the table's seeds only
+    assert sorted(j["seed"] for j in jobs if j["mc_dropout"]) == [1, 2]
+    assert all(not j["mc_dropout"] for j in jobs if j["pair"] == "arc_obqa")
+
+
 def test_the_shifted_cola_sentences_are_the_fourth_column_of_the_raw_file(data_dir, monkeypatch):
     from pyrolora.config import RunConfig
 
