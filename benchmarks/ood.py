@@ -177,10 +177,8 @@ def make_jobs(args: argparse.Namespace, configs: dict[str, dict], with_mc: dict[
                 plan += [(grid.KINDS[method], s, {"guide": grid.guide_of(method, args.swag_frequency)}) for s in seeds]
         for kind, seed, change in plan:
             mc = kind == "delta" and with_mc[pair] and seed < end
-            predict = base["predict"]
-            if kind == "delta" and not mc:  # a point mass: S draws would be S identical copies
-                predict = {**predict, "num_samples": 1}
-            config = {**base, **change, "train": {**base["train"], "seed": seed}, "predict": predict}
+            # (a MAP's own predictions take one draw, its MC-dropout passes S: the runner decides, draws_needed)
+            config = {**base, **change, "train": {**base["train"], "seed": seed}}
             jobs.append(
                 {"pair": pair, "task": pair, "kind": kind, "seed": seed, "config": config, "mc_dropout": mc,
                  "keep_samples": True, "size": args.size, "device": args.device, "threads": args.threads,

@@ -162,7 +162,9 @@ def test_cli_trains_multiple_choice_and_evaluates_on_another_task(tmp_path, data
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,guide", [("bayesian", "lowrank"), ("mc_dropout", "delta"), ("peft_lora", "delta")])
+@pytest.mark.parametrize(
+    "method,guide", [("bayesian", "lowrank"), ("bayesian", "delta"), ("mc_dropout", "delta"), ("peft_lora", "delta")]
+)
 def test_fit_and_predict_keeps_the_per_sample_probabilities_of_every_split_including_unlabelled_ones(
     tmp_path, method, guide
 ):
@@ -196,14 +198,17 @@ def test_fit_and_predict_keeps_the_per_sample_probabilities_of_every_split_inclu
     )
     splits = load_task(config.task)
     splits["shifted"] = unlabelled_split(["an unrelated sentence", "words"], splits["test"].label_names)
-    out = fit_and_predict(config, splits, device="cpu", progress=False)
-    expected_s = 1 if method == "peft_lora" else 3  # peft LoRA is one point estimate
+    out = fit_and_predict(config, splits, device="cpu", progress=False, also_mc_dropout=method == "bayesian")
+    # peft LoRA and the MAP are point estimates: one draw (S copies of one model would only add float noise)
+    expected_s = 1 if method == "peft_lora" or (method, guide) == ("bayesian", "delta") else 3
     for name, n in (("test", 10), ("shifted", 2)):
         assert out["samples"][name].shape == (expected_s, n, 2)
         # the mean over S is what the metrics use; the same tensor, so only float rounding may differ
         torch.testing.assert_close(out["probs"][name], out["samples"][name].mean(0), rtol=0, atol=1e-7)
     if method == "mc_dropout":  # different dropout masks give different predictions (the tiny BERT has p = 0.1)
         assert (out["samples"]["test"].std(0) > 0).any()
+    if method == "bayesian":  # the same model's MC-dropout passes still take S masks, the MAP's included
+        assert out["mc_dropout_samples"]["shifted"].shape == (3, 2, 2)
 
 
 def test_the_long_size_is_the_full_sst2_setting_with_the_papers_rows_and_epochs():

@@ -35,7 +35,7 @@ from pyrolora.config import RunConfig
 from pyrolora.errors import ConfigError
 from pyrolora.evaluation import metrics
 from pyrolora.experiment import CONFIG_FILE, Run, _write_json, build, fit_run, load_task, save_run
-from pyrolora.inference import predict
+from pyrolora.inference import draws_needed, predict
 
 __all__ = [
     "PEFT_LORA_FILE",
@@ -120,10 +120,11 @@ def save_peft_lora(backbone: nn.Module, config: RunConfig, out: str | Path) -> N
 
 
 def _predict_run(run: Run, split: str, *, dropout: bool = False) -> torch.Tensor:
-    """Per-sample probabilities (S, N, C) of ``split``: S posterior draws, or S dropout masks with ``dropout``."""
-    p = run.config.predict
+    """Per-sample probabilities (S, N, C) of ``split``: S posterior draws (S = 1 for a point mass), or S dropout
+    masks with ``dropout``."""
+    s = draws_needed(run.guide, run.config.predict.num_samples, dropout=dropout)  # (a MAP: one draw)
     with mc_dropout(run.model.backbone) if dropout else contextlib.nullcontext():
-        return predict(run.model, run.guide, run.loader(split), num_samples=p.num_samples, seed=0).probs
+        return predict(run.model, run.guide, run.loader(split), num_samples=s, seed=0).probs
 
 
 def _bayesian_counts(run: Run) -> tuple[int, int]:

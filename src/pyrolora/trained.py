@@ -5,7 +5,8 @@
 see :meth:`~Trained.use_task`) to per-sample probabilities of shape (S, N, C): the
 :data:`~pyrolora.uncertainty.ProbsFn` that ``pyrolora evaluate`` and the uncertainty report share.
 
-- ``bayesian``: a ``save_run`` folder (manifest, state); S = ``predict.num_samples`` posterior draws (seed 0).
+- ``bayesian``: a ``save_run`` folder (manifest, state); S = ``predict.num_samples`` posterior draws (seed 0), or
+  1 for a point mass (``delta``: S draws would be S copies).
 - ``mc_dropout``: the ``save_run`` folder of the MAP (``delta``); S dropout masks (backbone and adapter dropout).
 - ``ensemble``: ``config.json`` and ``member-0`` .. ``member-<M-1>`` (each a ``save_run`` folder); the M rows are
   the members, each its own BMA mean over S draws.
@@ -33,7 +34,7 @@ from pyrolora.data import ClassificationSplit
 from pyrolora.errors import ConfigError, RunFolderError
 from pyrolora.evaluation import metrics
 from pyrolora.experiment import CONFIG_FILE, STATE_FILE, Run, load_run, load_task
-from pyrolora.inference import predict
+from pyrolora.inference import draws_needed, predict
 from pyrolora.inference.state import load_state
 from pyrolora.runfolder import MANIFEST_FILE, check_model, verify_files
 
@@ -100,7 +101,8 @@ class Trained:
             return self._bma(data)
 
     def _bma(self, data: Any) -> torch.Tensor:
-        s = self.run.config.predict.num_samples
+        dropout = self.method == "mc_dropout"
+        s = draws_needed(self.run.guide, self.run.config.predict.num_samples, dropout=dropout)  # (a MAP: one draw)
         loader = self.run.loader(data)
         return predict(self.run.model, self.run.guide, loader, num_samples=s, seed=0, progress=self.progress).probs
 

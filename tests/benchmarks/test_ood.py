@@ -89,15 +89,13 @@ def test_every_pair_and_method_at_tiny_size_and_runs_merged_into_one_table(tmp_p
     assert set(rows) == {f"{p}/{m}" for p in ood.PAIRS for m in ood.METHODS}
     kinds = [(r["pair"], r["kind"]) for r in ood.load_results(tmp_path / "a")]
     assert kinds.count(("arc_obqa", "mc_dropout")) == 2 and ("sst2_cola", "mc_dropout") not in kinds
-    # samples per model: peft LoRA is one point estimate, the tiny ensemble has 2 members, and MC dropout,
-    # B-LoRA-XS and SWAG draw the tiny size's S = 3; the MAP predicts one draw, except where its run also makes
-    # the MC-dropout passes (the encoder pairs), which predict S = 3 (identical) draws of the point mass
-    expected_s = {"lora": 1, "ensemble": 2, "mc_dropout": 3, "blora_xs": 3, "swag": 3}
+    # samples per model: peft LoRA and the MAP are point estimates (one draw, also where the MAP's run makes the
+    # MC-dropout passes), the tiny ensemble has 2 members, and MC dropout, B-LoRA-XS and SWAG draw the tiny S = 3
+    expected_s = {"lora": 1, "lora_xs": 1, "ensemble": 2, "mc_dropout": 3, "blora_xs": 3, "swag": 3}
     for key, row in rows.items():
         assert row["num_seeds"] == 2 and len(row["per_seed"]) == 2
         seed0 = row["per_seed"][0]
-        map_s = 1 if row["pair"] == "arc_obqa" else 3
-        assert seed0["num_samples"] == expected_s.get(row["method"], map_s), key
+        assert seed0["num_samples"] == expected_s[row["method"]], key
         assert seed0["num_examples"] == 24 and seed0["num_ood_examples"] == 24  # the tiny size's limits
         assert row["cells"]["acc"]["ci95"] is not None  # two seeds: a t-interval
         assert 0 <= row["cells"]["AUROC H ↑"]["mean"] <= 1

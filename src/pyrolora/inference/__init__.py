@@ -2,7 +2,17 @@
 
 from pyrolora.inference import distributed, guides
 from pyrolora.inference.posterior import fit_posterior
-from pyrolora.inference.predict import Prediction, draw_latents, predict
+from pyrolora.inference.predict import Prediction, draw_latents, draws_needed, predict
 from pyrolora.inference.svi import FitResult, fit
 
-__all__ = ["FitResult", "Prediction", "distributed", "draw_latents", "fit", "fit_posterior", "guides", "predict"]
+__all__ = [
+    "FitResult",
+    "Prediction",
+    "distributed",
+    "draw_latents",
+    "draws_needed",
+    "fit",
+    "fit_posterior",
+    "guides",
+    "predict",
+]
