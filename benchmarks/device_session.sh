@@ -14,11 +14,18 @@
 #   stage-aa    carry .device/smol/part.aa                 half the GGUF
 #   ood-arc     carry .device/smol/part.ab                 the GGUF, then the missing ARC-Easy/OpenBookQA rows
 #   ood-seeds-minilm, stage-aa, ood-seeds-arc               the same three calls for seeds 1 and 2 of every row
+#   ood-seed0-minilm  carry as ood-minilm                  seed 0 of the VADER and CoLA MAP family (first run on CPU)
+#   ood-fp32-vader    carry as ood-minilm                  the VADER ensemble again on the GPU without bf16 autocast
+#   ood-fp32-vader3   carry as ood-minilm                  the whole VADER pair, 3 seeds, without autocast
 #
 # As run on 2026-11-29 (nvidia-h200-x2): steps 1, 2 and 34. In step 34 the ood.py run finished no job in its
 # 600 s (its driver had built a model before starting its worker pool; ood.py no longer does); it was run again
 # as step "ood-groups" (one ood.py per pair and method group, --workers 1, both GPUs), where the groups with the
 # MAP-family jobs again finished nothing, then step 5 (its steps cut to 150 and 20 to fit the device time left).
+# Next session (nvidia-h200, one GPU): ood-minilm, stage-aa, ood-arc, ood-seeds-minilm, stage-aa, ood-seeds-arc,
+# ood-seed0-minilm, ood-fp32-vader, ood-fp32-vader3; every job finished (about 19 device minutes in all).
+# The tree travels with every call: with benchmarks/results/ood/raw it is about 12 MB, so .whl + .device/data +
+# .device/minilm (57 MB) no longer fit one call's 64 MiB; stage the data in a call of its own (or carry less).
 #
 # .whl holds pyro-ppl, pyro-api, gguf and vaderSentiment wheels for Python 3.12 (the device image has torch,
 # transformers and peft); .device/minilm an fp16 copy of all-MiniLM-L6-v2 (fp32 is built from it on the device);
@@ -131,6 +138,39 @@ ood-seeds-minilm)
         > $OUT/ood-seeds-minilm.log 2>&1 || echo "rc=$?" >> $OUT/ood-seeds-minilm.log
     bash "$0" pack ood-seeds-minilm ood-seeds-minilm
     ;;
+ood-seed0-minilm)
+    # seed 0 of the VADER and CoLA MAP family on the GPU too (those rows were first run on a 2-core CPU), so that
+    # every MiniLM row and ensemble member comes from the same device and precision (carry as ood-seeds-minilm)
+    bash "$0" install
+    export PYTHONFAULTHANDLER=1; ulimit -c 0
+    mkdir -p $OUT/ood-seed0-minilm /tmp/models-0 && ln -sfn /tmp/models-0 $OUT/ood-seed0-minilm/_models
+    timeout -s ABRT -k 30 540 python3 benchmarks/ood.py --size full --seeds 1 --workers 4 \
+        --pairs vader_sst2,cola_in_out --methods lora,lora_xs,mc_dropout --minilm .device/minilm \
+        --out $OUT/ood-seed0-minilm > $OUT/ood-seed0-minilm.log 2>&1 || echo "rc=$?" >> $OUT/ood-seed0-minilm.log
+    bash "$0" pack ood-seed0-minilm ood-seed0-minilm
+    ;;
+ood-fp32-vader)
+    # check: the VADER ensemble's MI detected the shift better from GPU bf16 runs (AUROC 0.74-0.75, 3 seeds) than
+    # from the CPU float32 run (0.63, seed 0); the same 5 members on the GPU without autocast separate device from
+    # precision (carry as ood-seeds-minilm)
+    bash "$0" install
+    export PYTHONFAULTHANDLER=1; ulimit -c 0
+    mkdir -p $OUT/ood-fp32-vader /tmp/models-f && ln -sfn /tmp/models-f $OUT/ood-fp32-vader/_models
+    timeout -s ABRT -k 30 400 python3 benchmarks/ood.py --size full --seeds 1 --workers 5 --no-autocast \
+        --pairs vader_sst2 --methods lora_xs,mc_dropout,ensemble --minilm .device/minilm \
+        --out $OUT/ood-fp32-vader > $OUT/ood-fp32-vader.log 2>&1 || echo "rc=$?" >> $OUT/ood-fp32-vader.log
+    bash "$0" pack ood-fp32-vader ood-fp32-vader
+    ;;
+ood-fp32-vader3)
+    # the whole VADER pair (every method, 3 seeds) on the GPU without autocast, beside the bf16 table
+    bash "$0" install
+    export PYTHONFAULTHANDLER=1; ulimit -c 0
+    mkdir -p $OUT/ood-fp32-vader3 /tmp/models-g && ln -sfn /tmp/models-g $OUT/ood-fp32-vader3/_models
+    timeout -s ABRT -k 30 480 python3 benchmarks/ood.py --size full --seeds 3 --workers 16 --no-autocast \
+        --pairs vader_sst2 --minilm .device/minilm --out $OUT/ood-fp32-vader3 > $OUT/ood-fp32-vader3.log 2>&1 \
+        || echo "rc=$?" >> $OUT/ood-fp32-vader3.log
+    bash "$0" pack ood-fp32-vader3 ood-fp32-vader3
+    ;;
 ood-seeds-arc)
     # seeds 1 and 2 of every method on ARC-Easy vs OpenBookQA (carry .device/smol/part.ab, after stage-aa)
     cat $STAGE/part.aa .device/smol/part.ab > $GGUF && rm $STAGE/part.aa
@@ -155,7 +195,7 @@ pack)
     ls -la $OUT
     ;;
 *)
-    echo "usage: $0 1|2|3|4|34|ood-groups|5|ood-minilm|stage-aa|ood-arc|ood-seeds-minilm|ood-seeds-arc" >&2
+    echo "usage: $0 1|2|3|4|34|ood-groups|5|ood-minilm|stage-aa|ood-arc|ood-seeds-minilm|ood-seeds-arc|ood-seed0-minilm|ood-fp32-vader|ood-fp32-vader3" >&2
     exit 2
     ;;
 esac

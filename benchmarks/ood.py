@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # as in benchmarks/tasks.py: the encoder (MiniLM) has dropout layers, so MC dropout is the MAP runs'
         # dropout passes; Llama (QA) has none, so MC dropout is its own MAP runs with adapter dropout. Decided
         # from the task, without building a model in this process: the two GPU runs in which this process had
-        # built one before starting its workers hung (cause not found), the runs without it did not.
+        # built one before starting its workers hung (cause not found); without it the same jobs ran on an H200.
         qa = PAIR_TASK[pair] in grid.QA_TASKS
         with_mc[pair] = wants_mc and not qa
         if wants_mc and qa:
