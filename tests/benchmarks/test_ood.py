@@ -111,3 +111,18 @@ def test_every_pair_and_method_at_tiny_size_and_runs_merged_into_one_table(tmp_p
     saved = json.loads((tmp_path / "all" / "results.json").read_text())
     assert saved["jobs_finished"] == 38  # 4 pairs x (2 LoRA, 3 MAP, 2 lowrank, 2 SWAG) + 2 adapter-dropout MAPs
     assert one["jobs_finished"] == one["jobs_planned"] == 29 and second["jobs_finished"] == 9
+
+
+def test_the_committed_ood_table_is_what_the_committed_runs_give(tmp_path, data_dir, monkeypatch):
+    # the README's table: rebuilt from the per-run samples under benchmarks/results/ood/raw with the command that
+    # results.json records (no model is needed); a changed metric, sample file or merge order changes a cell
+    import shlex
+    from pathlib import Path
+
+    results = Path(__file__).parents[2] / "benchmarks/results/ood"
+    monkeypatch.setenv("PYROLORA_DATA", str(data_dir))
+    monkeypatch.chdir(results.parents[2])
+    argv = shlex.split(json.loads((results / "results.json").read_text(encoding="utf-8"))["command"])[2:]
+    argv[argv.index("--out") + 1] = str(tmp_path)
+    ood.main(argv)
+    assert (tmp_path / "table.md").read_text(encoding="utf-8") == (results / "table.md").read_text(encoding="utf-8")
