@@ -69,8 +69,8 @@ def draw_latents(guide: nn.Module, model: BayesianLoraModel, num_samples: int) -
 
 
 def draws_needed(guide: nn.Module, num_samples: int, *, dropout: bool = False) -> int:
-    """How many of ``num_samples`` draws a prediction needs: 1 for a point mass (``AutoDelta``), unless dropout
-    samples (MC dropout), else ``num_samples``.
+    """Draws a prediction of ``guide`` needs: ``num_samples``, or 1 for a point mass (``AutoDelta``, the MAP) when
+    no dropout is sampled (with ``dropout``, MC dropout, each of the S rows gets its own mask, so S are needed).
 
     S draws of a point mass are S copies of one model: the average is the same, S times the cost, and their
     mutual information, exactly 0 in theory, becomes float noise (about 1e-10 nats on a GPU, where the S copies
