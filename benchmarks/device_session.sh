@@ -17,6 +17,7 @@
 #   ood-seed0-minilm  carry as ood-minilm                  seed 0 of the VADER and CoLA MAP family (first run on CPU)
 #   ood-fp32-vader    carry as ood-minilm                  the VADER ensemble again on the GPU without bf16 autocast
 #   ood-fp32-vader3   carry as ood-minilm                  the whole VADER pair, 3 seeds, without autocast
+#   stage-aa, arc-collapse (carry part.ab)                 ARC-Easy MAP, 7 seeds in bf16 beside 7 in float32
 #
 # As run on 2026-11-29 (nvidia-h200-x2): steps 1, 2 and 34. In step 34 the ood.py run finished no job in its
 # 600 s (its driver had built a model before starting its worker pool; ood.py no longer does); it was run again
@@ -181,6 +182,21 @@ ood-seeds-arc)
         || echo "rc=$?" >> $OUT/ood-seeds-arc.log
     bash "$0" pack ood-seeds-arc ood-seeds-arc
     ;;
+arc-collapse)
+    # ARC-Easy MAP runs that end near chance (0.25-0.31 in 2 of 12 bf16 runs of the OOD calls, and one earlier):
+    # 7 seeds with bf16 autocast beside 7 in float32 (carry .device/smol/part.ab, after stage-aa)
+    [ -f $GGUF ] || { cat $STAGE/part.aa .device/smol/part.ab > $GGUF && rm $STAGE/part.aa; }
+    export PYTHONFAULTHANDLER=1; ulimit -c 0
+    for p in bf16 fp32; do
+        mkdir -p $OUT/arc-$p /tmp/models-arc-$p && ln -sfn /tmp/models-arc-$p $OUT/arc-$p/_models
+        flag=--autocast; [ $p = fp32 ] && flag=--no-autocast
+        (timeout -s ABRT -k 30 420 python3 benchmarks/tasks.py --size full --tasks arc_easy --methods lora_xs \
+            --seeds 7 --workers 7 $flag --smollm2 $GGUF --out $OUT/arc-$p > $OUT/arc-$p.log 2>&1;
+            echo "rc=$?" >> $OUT/arc-$p.log) &
+    done
+    wait
+    bash "$0" pack arc-collapse arc-bf16 arc-fp32
+    ;;
 install)
     mkdir -p $STAGE
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -195,7 +211,7 @@ pack)
     ls -la $OUT
     ;;
 *)
-    echo "usage: $0 1|2|3|4|34|ood-groups|5|ood-minilm|stage-aa|ood-arc|ood-seeds-minilm|ood-seeds-arc|ood-seed0-minilm|ood-fp32-vader|ood-fp32-vader3" >&2
+    echo "usage: $0 1|2|3|4|34|ood-groups|5|ood-minilm|stage-aa|ood-arc|ood-seeds-minilm|ood-seeds-arc|ood-seed0-minilm|ood-fp32-vader|ood-fp32-vader3|arc-collapse" >&2
     exit 2
     ;;
 esac
