@@ -18,6 +18,7 @@
 #   ood-fp32-vader    carry as ood-minilm                  the VADER ensemble again on the GPU without bf16 autocast
 #   ood-fp32-vader3   carry as ood-minilm                  the whole VADER pair, 3 seeds, without autocast
 #   stage-aa, arc-collapse (carry part.ab)                 ARC-Easy MAP, 7 seeds in bf16 beside 7 in float32
+#   arc-head32 (carry part.ab, after staging)              the bf16 half again with the float32 head projection
 #
 # As run on 2026-11-29 (nvidia-h200-x2): steps 1, 2 and 34. In step 34 the ood.py run finished no job in its
 # 600 s (its driver had built a model before starting its worker pool; ood.py no longer does); it was run again
@@ -197,6 +198,17 @@ arc-collapse)
     wait
     bash "$0" pack arc-collapse arc-bf16 arc-fp32
     ;;
+arc-head32)
+    # arc-collapse's bf16 half again, with the option scores' vocabulary projection in float32 under autocast
+    # (carry .device/smol/part.ab, after the wheels, part.aa and the data are staged)
+    [ -f $GGUF ] || { cat $STAGE/part.aa .device/smol/part.ab > $GGUF && rm $STAGE/part.aa; }
+    export PYTHONFAULTHANDLER=1; ulimit -c 0
+    mkdir -p $OUT/arc-bf16-head32 /tmp/models-h && ln -sfn /tmp/models-h $OUT/arc-bf16-head32/_models
+    timeout -s ABRT -k 30 400 python3 benchmarks/tasks.py --size full --tasks arc_easy --methods lora_xs --seeds 7 \
+        --workers 7 --autocast --smollm2 $GGUF --out $OUT/arc-bf16-head32 > $OUT/arc-bf16-head32.log 2>&1 \
+        || echo "rc=$?" >> $OUT/arc-bf16-head32.log
+    bash "$0" pack arc-head32 arc-bf16-head32
+    ;;
 install)
     mkdir -p $STAGE
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -211,7 +223,7 @@ pack)
     ls -la $OUT
     ;;
 *)
-    echo "usage: $0 1|2|3|4|34|ood-groups|5|ood-minilm|stage-aa|ood-arc|ood-seeds-minilm|ood-seeds-arc|ood-seed0-minilm|ood-fp32-vader|ood-fp32-vader3|arc-collapse" >&2
+    echo "usage: $0 1|2|3|4|34|ood-groups|5|ood-minilm|stage-aa|ood-arc|ood-seeds-minilm|ood-seeds-arc|ood-seed0-minilm|ood-fp32-vader|ood-fp32-vader3|arc-collapse|arc-head32" >&2
     exit 2
     ;;
 esac

@@ -67,6 +67,31 @@ def test_letters_scores_are_the_letter_logits_after_the_prompt():
         MultipleChoiceLM(lm, "letters")
 
 
+@pytest.mark.parametrize("scoring", ["loglik", "letters"])
+def test_option_scores_take_the_vocabulary_projection_in_float32_under_bf16_autocast(scoring, monkeypatch):
+    # bf16 autocast may round the backbone's activations, but not the logits the option scores are read from:
+    # bf16 keeps 8 bits of mantissa, so at logit magnitudes of 10-30 it resolves only 0.06-0.125, more than
+    # options differ by (with bf16 logits SmolLM2 MAP fits on ARC-Easy ended at chance in 2 of 7 seeds)
+    lm = tiny_causal_lm().float()
+    with torch.no_grad():
+        lm.lm_head.weight.mul_(40)  # logits of an LM's size, where bf16 rounding is coarse
+    model = MultipleChoiceLM(lm, scoring, letter_ids=[5, 6, 7, 8])
+    if scoring == "loglik":
+        batch = loglik_batch()
+    else:
+        ids = torch.randint(3, 40, (2, 6), generator=torch.Generator().manual_seed(2))
+        batch = {"input_ids": ids, "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+        batch["choice_mask"] = torch.ones(2, 4, dtype=torch.long)
+    with torch.no_grad():
+        hidden = model._hidden(*[batch[k].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "attention_mask")])
+        monkeypatch.setattr(model, "_hidden", lambda *_: hidden)  # the same hidden states with and without autocast
+        reference = model(**batch)  # float32 throughout
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(**batch)
+    # float32 against float32, only the summation order may differ; a bf16 projection is off by ~1e-2
+    torch.testing.assert_close(mixed, reference, atol=1e-4, rtol=0)
+
+
 def test_bayesian_model_over_options_has_only_latents_and_the_temperature_head():
     backbone = MultipleChoiceLM(tiny_causal_lm().float(), "loglik")
     adapters = inject_adapters(backbone, LoraXSConfig(rank=2, target_modules="all-linear"))
