@@ -26,6 +26,8 @@
 # MAP-family jobs again finished nothing, then step 5 (its steps cut to 150 and 20 to fit the device time left).
 # Next session (nvidia-h200, one GPU): ood-minilm, stage-aa, ood-arc, ood-seeds-minilm, stage-aa, ood-seeds-arc,
 # ood-seed0-minilm, ood-fp32-vader, ood-fp32-vader3; every job finished (about 19 device minutes in all).
+# Then, on a fresh machine, the wheels and part.aa (one call), the data (one call) and arc-collapse; again for
+# arc-head32 (about 28 device minutes in all that session).
 # The tree travels with every call: with benchmarks/results/ood/raw it is about 12 MB, so .whl + .device/data +
 # .device/minilm (57 MB) no longer fit one call's 64 MiB; stage the data in a call of its own (or carry less).
 #
