@@ -39,6 +39,21 @@ set -euo pipefail
 STAGE=/tmp/stage
 GGUF=$STAGE/SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYROLORA_DATA=$STAGE/data HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+ulimit -c 0  # (a job stopped with SIGABRT below writes its stacks, not a core file)
+
+# job NAME LIMIT SCRIPT ARGS...: one `benchmarks/SCRIPT --size full` process writing straight under $OUT/NAME (a
+# command cut at its limit keeps what finished; the fp32 model copies live in /tmp behind a symlink, which does
+# not come back), its log in $OUT/NAME.log. A job still running after LIMIT seconds gets SIGABRT, so that
+# faulthandler prints every process's Python stack into the log instead of the job dying silently.
+job() {
+    local name=$1 limit=$2 script=$3
+    shift 3
+    mkdir -p $OUT/$name /tmp/models-$name && ln -sfn /tmp/models-$name $OUT/$name/_models
+    PYTHONFAULTHANDLER=1 timeout -s ABRT -k 30 $limit python3 benchmarks/$script --size full "$@" --out $OUT/$name \
+        > $OUT/$name.log 2>&1 || echo "rc=$?" >> $OUT/$name.log
+}
+# the SmolLM2 GGUF from the two carried halves (part.aa staged by an earlier call)
+gguf() { [ -f $GGUF ] || { cat $STAGE/part.aa .device/smol/part.ab > $GGUF && rm $STAGE/part.aa; }; }
 
 case "$1" in
 1)
@@ -105,17 +120,11 @@ ood-groups)
     ;;
 ood-minilm)
     # issue 12's missing MiniLM rows, one call (carry .whl .device/data .device/minilm): SST-2 vs CoLA-OOD for the
-    # MAP family and LoRA on CoLA in/out. A hung job dumps every process's Python stack (faulthandler, SIGABRT from
-    # timeout) into its log instead of dying silently; the results come back as one tarball.
+    # MAP family and LoRA on CoLA in/out; the results come back as one tarball
     bash "$0" install
-    export PYTHONFAULTHANDLER=1; ulimit -c 0
-    for d in ood-sst2cola ood-colalora; do mkdir -p $OUT/$d /tmp/models-$d && ln -sfn /tmp/models-$d $OUT/$d/_models; done
-    (timeout -s ABRT -k 30 470 python3 benchmarks/ood.py --size full --seeds 1 --workers 6 --pairs sst2_cola \
-        --methods lora,lora_xs,mc_dropout,ensemble --minilm .device/minilm --out $OUT/ood-sst2cola \
-        > $OUT/ood-sst2cola.log 2>&1; echo "rc=$?" >> $OUT/ood-sst2cola.log) &
-    (timeout -s ABRT -k 30 470 python3 benchmarks/ood.py --size full --seeds 1 --workers 1 --pairs cola_in_out \
-        --methods lora --minilm .device/minilm --out $OUT/ood-colalora \
-        > $OUT/ood-colalora.log 2>&1; echo "rc=$?" >> $OUT/ood-colalora.log) &
+    job ood-sst2cola 470 ood.py --seeds 1 --workers 6 --pairs sst2_cola --methods lora,lora_xs,mc_dropout,ensemble \
+        --minilm .device/minilm &
+    job ood-colalora 470 ood.py --seeds 1 --workers 1 --pairs cola_in_out --methods lora --minilm .device/minilm &
     wait
     bash "$0" pack ood-minilm ood-sst2cola ood-colalora
     ;;
@@ -124,33 +133,23 @@ stage-aa)
     ;;
 ood-arc)
     # issue 12's missing ARC-Easy vs OpenBookQA rows (carry .device/smol/part.ab, after stage-aa)
-    cat $STAGE/part.aa .device/smol/part.ab > $GGUF && rm $STAGE/part.aa
-    export PYTHONFAULTHANDLER=1; ulimit -c 0
-    mkdir -p $OUT/ood-arc /tmp/models-ood-arc && ln -sfn /tmp/models-ood-arc $OUT/ood-arc/_models
-    timeout -s ABRT -k 30 480 python3 benchmarks/ood.py --size full --seeds 1 --workers 7 --pairs arc_obqa \
-        --methods lora,mc_dropout,ensemble --smollm2 $GGUF --out $OUT/ood-arc > $OUT/ood-arc.log 2>&1 \
-        || echo "rc=$?" >> $OUT/ood-arc.log
+    gguf
+    job ood-arc 480 ood.py --seeds 1 --workers 7 --pairs arc_obqa --methods lora,mc_dropout,ensemble --smollm2 $GGUF
     bash "$0" pack ood-arc ood-arc
     ;;
 ood-seeds-minilm)
     # seeds 1 and 2 of every method on the three MiniLM pairs (carry .whl .device/data .device/minilm)
     bash "$0" install
-    export PYTHONFAULTHANDLER=1; ulimit -c 0
-    mkdir -p $OUT/ood-seeds-minilm /tmp/models-s && ln -sfn /tmp/models-s $OUT/ood-seeds-minilm/_models
-    timeout -s ABRT -k 30 540 python3 benchmarks/ood.py --size full --seeds 2 --first-seed 1 --workers 12 \
-        --pairs vader_sst2,sst2_cola,cola_in_out --minilm .device/minilm --deadline 330 --out $OUT/ood-seeds-minilm \
-        > $OUT/ood-seeds-minilm.log 2>&1 || echo "rc=$?" >> $OUT/ood-seeds-minilm.log
+    job ood-seeds-minilm 540 ood.py --seeds 2 --first-seed 1 --workers 12 --pairs vader_sst2,sst2_cola,cola_in_out \
+        --minilm .device/minilm --deadline 330
     bash "$0" pack ood-seeds-minilm ood-seeds-minilm
     ;;
 ood-seed0-minilm)
     # seed 0 of the VADER and CoLA MAP family on the GPU too (those rows were first run on a 2-core CPU), so that
     # every MiniLM row and ensemble member comes from the same device and precision (carry as ood-seeds-minilm)
     bash "$0" install
-    export PYTHONFAULTHANDLER=1; ulimit -c 0
-    mkdir -p $OUT/ood-seed0-minilm /tmp/models-0 && ln -sfn /tmp/models-0 $OUT/ood-seed0-minilm/_models
-    timeout -s ABRT -k 30 540 python3 benchmarks/ood.py --size full --seeds 1 --workers 4 \
-        --pairs vader_sst2,cola_in_out --methods lora,lora_xs,mc_dropout --minilm .device/minilm \
-        --out $OUT/ood-seed0-minilm > $OUT/ood-seed0-minilm.log 2>&1 || echo "rc=$?" >> $OUT/ood-seed0-minilm.log
+    job ood-seed0-minilm 540 ood.py --seeds 1 --workers 4 --pairs vader_sst2,cola_in_out \
+        --methods lora,lora_xs,mc_dropout --minilm .device/minilm
     bash "$0" pack ood-seed0-minilm ood-seed0-minilm
     ;;
 ood-fp32-vader)
@@ -158,57 +157,37 @@ ood-fp32-vader)
     # from the CPU float32 run (0.63, seed 0); the same 5 members on the GPU without autocast separate device from
     # precision (carry as ood-seeds-minilm)
     bash "$0" install
-    export PYTHONFAULTHANDLER=1; ulimit -c 0
-    mkdir -p $OUT/ood-fp32-vader /tmp/models-f && ln -sfn /tmp/models-f $OUT/ood-fp32-vader/_models
-    timeout -s ABRT -k 30 400 python3 benchmarks/ood.py --size full --seeds 1 --workers 5 --no-autocast \
-        --pairs vader_sst2 --methods lora_xs,mc_dropout,ensemble --minilm .device/minilm \
-        --out $OUT/ood-fp32-vader > $OUT/ood-fp32-vader.log 2>&1 || echo "rc=$?" >> $OUT/ood-fp32-vader.log
+    job ood-fp32-vader 400 ood.py --seeds 1 --workers 5 --no-autocast --pairs vader_sst2 \
+        --methods lora_xs,mc_dropout,ensemble --minilm .device/minilm
     bash "$0" pack ood-fp32-vader ood-fp32-vader
     ;;
 ood-fp32-vader3)
     # the whole VADER pair (every method, 3 seeds) on the GPU without autocast, beside the bf16 table
     bash "$0" install
-    export PYTHONFAULTHANDLER=1; ulimit -c 0
-    mkdir -p $OUT/ood-fp32-vader3 /tmp/models-g && ln -sfn /tmp/models-g $OUT/ood-fp32-vader3/_models
-    timeout -s ABRT -k 30 480 python3 benchmarks/ood.py --size full --seeds 3 --workers 16 --no-autocast \
-        --pairs vader_sst2 --minilm .device/minilm --out $OUT/ood-fp32-vader3 > $OUT/ood-fp32-vader3.log 2>&1 \
-        || echo "rc=$?" >> $OUT/ood-fp32-vader3.log
+    job ood-fp32-vader3 480 ood.py --seeds 3 --workers 16 --no-autocast --pairs vader_sst2 --minilm .device/minilm
     bash "$0" pack ood-fp32-vader3 ood-fp32-vader3
     ;;
 ood-seeds-arc)
     # seeds 1 and 2 of every method on ARC-Easy vs OpenBookQA (carry .device/smol/part.ab, after stage-aa)
-    cat $STAGE/part.aa .device/smol/part.ab > $GGUF && rm $STAGE/part.aa
-    export PYTHONFAULTHANDLER=1; ulimit -c 0
-    mkdir -p $OUT/ood-seeds-arc /tmp/models-sa && ln -sfn /tmp/models-sa $OUT/ood-seeds-arc/_models
-    timeout -s ABRT -k 30 540 python3 benchmarks/ood.py --size full --seeds 2 --first-seed 1 --workers 14 \
-        --pairs arc_obqa --smollm2 $GGUF --out $OUT/ood-seeds-arc > $OUT/ood-seeds-arc.log 2>&1 \
-        || echo "rc=$?" >> $OUT/ood-seeds-arc.log
+    gguf
+    job ood-seeds-arc 540 ood.py --seeds 2 --first-seed 1 --workers 14 --pairs arc_obqa --smollm2 $GGUF
     bash "$0" pack ood-seeds-arc ood-seeds-arc
     ;;
 arc-collapse)
-    # ARC-Easy MAP runs that end near chance (0.25-0.31 in 2 of 12 bf16 runs of the OOD calls, and one earlier):
+    # ARC-Easy MAP runs that end near chance (0.25-0.31 in 2 of 13 bf16 runs of the OOD calls, and one earlier):
     # 7 seeds with bf16 autocast beside 7 in float32 (carry .device/smol/part.ab, after stage-aa)
-    [ -f $GGUF ] || { cat $STAGE/part.aa .device/smol/part.ab > $GGUF && rm $STAGE/part.aa; }
-    export PYTHONFAULTHANDLER=1; ulimit -c 0
-    for p in bf16 fp32; do
-        mkdir -p $OUT/arc-$p /tmp/models-arc-$p && ln -sfn /tmp/models-arc-$p $OUT/arc-$p/_models
-        flag=--autocast; [ $p = fp32 ] && flag=--no-autocast
-        (timeout -s ABRT -k 30 420 python3 benchmarks/tasks.py --size full --tasks arc_easy --methods lora_xs \
-            --seeds 7 --workers 7 $flag --smollm2 $GGUF --out $OUT/arc-$p > $OUT/arc-$p.log 2>&1;
-            echo "rc=$?" >> $OUT/arc-$p.log) &
-    done
+    gguf
+    job arc-bf16 420 tasks.py --tasks arc_easy --methods lora_xs --seeds 7 --workers 7 --autocast --smollm2 $GGUF &
+    job arc-fp32 420 tasks.py --tasks arc_easy --methods lora_xs --seeds 7 --workers 7 --no-autocast --smollm2 $GGUF &
     wait
     bash "$0" pack arc-collapse arc-bf16 arc-fp32
     ;;
 arc-head32)
     # arc-collapse's bf16 half again, with the option scores' vocabulary projection in float32 under autocast
     # (carry .device/smol/part.ab, after the wheels, part.aa and the data are staged)
-    [ -f $GGUF ] || { cat $STAGE/part.aa .device/smol/part.ab > $GGUF && rm $STAGE/part.aa; }
-    export PYTHONFAULTHANDLER=1; ulimit -c 0
-    mkdir -p $OUT/arc-bf16-head32 /tmp/models-h && ln -sfn /tmp/models-h $OUT/arc-bf16-head32/_models
-    timeout -s ABRT -k 30 400 python3 benchmarks/tasks.py --size full --tasks arc_easy --methods lora_xs --seeds 7 \
-        --workers 7 --autocast --smollm2 $GGUF --out $OUT/arc-bf16-head32 > $OUT/arc-bf16-head32.log 2>&1 \
-        || echo "rc=$?" >> $OUT/arc-bf16-head32.log
+    gguf
+    job arc-bf16-head32 400 tasks.py --tasks arc_easy --methods lora_xs --seeds 7 --workers 7 --autocast \
+        --smollm2 $GGUF
     bash "$0" pack arc-head32 arc-bf16-head32
     ;;
 install)
