@@ -136,6 +136,27 @@ def data_dir() -> Path:
     return path
 
 
+def write_mcqa_folder(folder: Path, n_train: int = 24, n_dev: int = 6) -> Path:
+    """A multiple-choice task folder in the AI2 schema (``train.jsonl``, ``dev.jsonl``): question i has the
+    options i .. i + 3 labelled A-D and the answer ``"ABCD"[i % 4]``."""
+    import json
+
+    folder.mkdir()
+    for name, n in (("train", n_train), ("dev", n_dev)):
+        records = [
+            {
+                "question": {
+                    "stem": f"which is {i}?",
+                    "choices": [{"text": str(i + k), "label": "ABCD"[k]} for k in range(4)],
+                },
+                "answerKey": "ABCD"[i % 4],
+            }
+            for i in range(n)
+        ]  # fmt: skip
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return folder
+
+
 def save_tiny_model(folder: Path, seed: int = 0, max_positions: int = 32) -> Path:
     """A 2-layer BERT (hidden 16) with the real all-MiniLM-L6-v2 tokenizer, saved as a loadable model folder.
 

@@ -16,6 +16,7 @@ from pyrolora.errors import RunFolderError
 from pyrolora.evaluation.uncertainty import uncertainty_report
 from pyrolora.trained import load_trained, shifted_data
 from pyrolora.uncertainty import UNCERTAINTY_FILE, evaluate_uncertainty
+from tests.conftest import write_mcqa_folder
 
 
 @pytest.fixture(scope="module")
@@ -242,25 +243,8 @@ def test_cola_in_domain_against_out_of_domain_dev(tmp_path, tiny_models, data_di
     assert 0 <= saved["scores"]["mutual_information"]["auroc"] <= 1
 
 
-def _mcqa_folder(folder: Path, n_train: int = 24) -> Path:
-    folder.mkdir()
-    for name, n in (("train", n_train), ("dev", 6)):
-        records = [
-            {
-                "question": {
-                    "stem": f"which is {i}?",
-                    "choices": [{"text": str(i + k), "label": "ABCD"[k]} for k in range(4)],
-                },
-                "answerKey": "ABCD"[i % 4],
-            }
-            for i in range(n)
-        ]  # fmt: skip
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return folder
-
-
 def test_mc_dropout_on_llama_qa_through_adapter_dropout_and_ood_task(tmp_path, tiny_models, data_dir):
-    folder = _mcqa_folder(tmp_path / "qa")
+    folder = write_mcqa_folder(tmp_path / "qa")
     base = (
         f'[model]\nname = "{tiny_models["llama"]}"\nmax_length = 48\n'
         f'[task]\nname = "mcqa"\npath = "{folder}"\ndata_dir = "{data_dir}"\nmax_eval = 10\n'

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from pyrolora.cli import app
 from pyrolora.config import load_config
+from tests.conftest import write_mcqa_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,20 +127,7 @@ def test_benchmark_grid_runs_end_to_end_at_tiny_size(tmp_path, data_dir, monkeyp
 @pytest.mark.slow
 def test_cli_trains_multiple_choice_and_evaluates_on_another_task(tmp_path, data_dir):
     models = benchmark_module().prepare_models("tiny", tmp_path / "models", None, None, [])
-    folder = tmp_path / "qa"
-    folder.mkdir()
-    for name, n in (("train", 30), ("dev", 6)):
-        records = [
-            {
-                "question": {
-                    "stem": f"which is {i}?",
-                    "choices": [{"text": str(i + k), "label": "ABCD"[k]} for k in range(4)],
-                },
-                "answerKey": "ABCD"[i % 4],
-            }
-            for i in range(n)
-        ]
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    folder = write_mcqa_folder(tmp_path / "qa", n_train=30)
     config = tmp_path / "qa.toml"
     config.write_text(
         f'[model]\nname = "{models["llama"]}"\nmax_length = 48\n'
