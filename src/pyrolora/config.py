@@ -198,11 +198,13 @@ class TrainSpec:
     head_lr: float = 1e-3
     warmup: float = 0.06
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    clip_norm: float = 1.0
+    clip_norm: float | None = None  # no clipping: clipping every step biased the fitted covariance (see fit)
     num_particles: int = 1
     seed: int = 0
-    kl_weight: float = 1.0
+    kl_weight: float = 0.1  # pyrolora.inference.svi.DEFAULT_KL_WEIGHT (tested equal); 1 is the ELBO
     kl_warmup: float = 0.0
+    #: candidate posterior temperatures, chosen on the validation split after training (see pyrolora.fit)
+    temperatures: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
     def kl_schedule(self) -> Any:
         """``kl_weight`` for :func:`pyrolora.fit`: the number, or a linear rise to it over ``kl_warmup``."""
@@ -213,11 +215,21 @@ class TrainSpec:
         return self.kl_weight
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "lr", "head_lr", "clip_norm", "num_particles"):
+        for name in ("epochs", "batch_size", "lr", "head_lr", "num_particles"):
             _check_number(getattr(self, name), f"train.{name}", positive=True)
+        if self.clip_norm is not None:
+            _check_number(self.clip_norm, "train.clip_norm", positive=True)
         _check_number(self.warmup, "train.warmup", minimum=0.0)
         _check_number(self.kl_weight, "train.kl_weight", positive=True)
         _check_number(self.kl_warmup, "train.kl_warmup", minimum=0.0)
+        if isinstance(self.temperatures, list):  # from TOML or JSON
+            object.__setattr__(self, "temperatures", tuple(self.temperatures))
+        if not isinstance(self.temperatures, tuple) or not self.temperatures:
+            raise ConfigError(
+                f"train.temperatures must be a non-empty list of numbers >= 0, got {self.temperatures!r}."
+            )
+        for value in self.temperatures:
+            _check_number(value, "train.temperatures", minimum=0.0)
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"train.seed must be an integer in [0, 2**63), got {self.seed!r}.")
 

@@ -228,6 +228,9 @@ def fit_run(run: Run, *, progress: bool = True, **extra: Any) -> FitResult:
         seed=t.seed,
         progress=progress,
         kl_weight=t.kl_schedule(),
+        # the posterior temperature is chosen on the held-out validation split (variational guides only)
+        validation=run.loader("validation") if "validation" in run.splits else None,
+        temperatures=t.temperatures,
         **extra,
     )
 

@@ -190,6 +190,7 @@ def fit_and_predict(
     run = _fit_bayesian(config, splits, device, progress, autocast)
     assert run.fit_result is not None
     result["train_seconds"] = run.fit_result.seconds
+    result["temperature"] = run.fit_result.temperature  # chosen on the validation split (None: not tempered)
     dropout_only = config.method.name == "mc_dropout"
     for name in names:
         start = time.perf_counter()

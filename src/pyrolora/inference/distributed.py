@@ -298,11 +298,18 @@ class DataParallelELBO:
             self._ddp = DistributedDataParallel(_guide_and_head(self.model, self.guide), **{no_sync: False})
         return self._ddp
 
-    def differentiable_loss(self, model: nn.Module, guide: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def differentiable_loss(
+        self, model: nn.Module, guide: nn.Module, *args: Any, kl_weight: float = 1.0, **kwargs: Any
+    ) -> torch.Tensor:
         # ``model`` may be a thin wrapper of ``self.model`` (fit wraps it in its precision context); the guide
-        # must be the one whose parameters DDP averages.
+        # must be the one whose parameters DDP averages. ``kl_weight`` β scales log q(θ) (the model scales its
+        # log p(θ) by its own ``kl_weight``), as in the single-process fit.
         if guide is not self.guide:
             raise ValueError("DataParallelELBO was built for another guide")
+        if kl_weight != 1.0:
+            from pyro import poutine
+
+            guide = poutine.scale(guide, scale=kl_weight)
         dist = _dist()
         ddp = self._wrapped()
         rows = _num_rows(tuple(args[:2]) if len(args) >= 2 else args[0])  # B_k, from (inputs, targets)

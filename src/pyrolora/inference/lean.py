@@ -113,6 +113,12 @@ class LeanELBO:
         self.sizes = [r * c for r, c in self.shapes.values()]
         self._joint = isinstance(guide, autoguide.AutoContinuous)
         self._getters = [] if self._joint else [self._point_getter(name) for name in self.shapes]
+        #: θ = the posterior mean instead of a draw, and no log q term: the MAP objective for the guide's mean
+        #: (``fit``'s warm start). Only for joint Gaussian guides.
+        self.mean_only = False
+        #: the two terms of the last estimate, detached: ``(E[log p(y | θ)], E[log q(θ) - log p(θ)])``, the
+        #: expected log-likelihood of the whole dataset (minibatch scaled by N / B) and the KL estimate.
+        self.last_terms: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _point_getter(self, name: str) -> Callable[[nn.Module], torch.Tensor]:
         """Reads a point mass's value. With unconstrained support the value is the stored parameter itself:
@@ -129,6 +135,10 @@ class LeanELBO:
         """θ ~ q split into the cores, and log q(θ) (0 for a point mass)."""
         if self._joint:
             posterior = self.guide.get_posterior()
+            if self.mean_only:  # the warm start's point: μ, with no entropy term
+                theta = posterior.mean  # (D,)
+                pieces = torch.split(theta, self.sizes)
+                return {n: p.view(s) for (n, s), p in zip(self.shapes.items(), pieces, strict=True)}, 0.0
             theta = posterior.rsample()  # (D,)
             log_q = posterior.log_prob(theta)
             pieces = torch.split(theta, self.sizes)
@@ -163,14 +173,21 @@ class LeanELBO:
         model.likelihood.distribution(out)._validate_sample(targets)
         log_lik = (model.likelihood.log_prob(out, targets) * (model.dataset_size / batch)).sum()  # as the plate
         kl_weight = model.kl_weight  # β: -E[log p(y|θ)] + β (log q(θ) - log p(θ)), as the scaled Pyro sites
-        return -(log_lik + kl_weight * (self._log_prior(values) - log_q))
+        kl = log_q - self._log_prior(values)
+        self._terms.append((log_lik.detach(), kl.detach() if isinstance(kl, torch.Tensor) else torch.tensor(kl)))
+        return -(log_lik - kl_weight * kl)
 
     def differentiable_loss(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         """The negative ELBO estimate, averaged over ``num_particles`` draws, as a differentiable scalar."""
         if targets is None:
             raise ConfigError("fit needs targets: every training batch must be an (inputs, targets) pair.")
+        self._terms: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.mean_only and not self._joint:
+            raise ConfigError("mean_only applies to joint Gaussian guides (lowrank, diagonal, full), not a point mass.")
         with pyro.settings.context(module_local_params=True):
             total = self._particle(inputs, targets)
             for _ in range(self.num_particles - 1):
                 total = total + self._particle(inputs, targets)
+        n = len(self._terms)
+        self.last_terms = (sum(t[0] for t in self._terms) / n, sum(t[1] for t in self._terms) / n)
         return total / self.num_particles

@@ -32,6 +32,8 @@ def fit_posterior(model: BayesianLoraModel, guide: nn.Module, data: Iterable[Any
                 f"resuming is supported for SVI guides only; the {type(guide).__name__} procedure has several "
                 "phases and is not checkpointed. Start the run again without --resume."
             )
+        fit_kwargs.pop("validation", None)  # these families have their own spread settings (e.g. SWAG's scale)
+        fit_kwargs.pop("temperatures", None)
         fit_kwargs.pop("checkpoint_dir", None)
         fit_kwargs.pop("checkpoint_every", None)
         return procedure(model, data, **fit_kwargs)

@@ -39,6 +39,8 @@ def save_state(path: str | Path, model: BayesianLoraModel, guide: nn.Module) -> 
     for key, value in model.prior_state().items():  # a fitted prior (empirical Bayes) travels with the run
         tensors[_PRIOR + key] = value.detach().to("cpu").contiguous().clone()
     metadata = {"sites": _sites(model), "guide_class": type(guide).__name__, "format": "pyrolora-state-1"}
+    if getattr(guide, "posterior_temperature", None) is not None:  # chosen on validation data by fit
+        metadata["posterior_temperature"] = repr(float(guide.posterior_temperature))
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -91,4 +93,9 @@ def load_state(path: str | Path, model: BayesianLoraModel, guide: nn.Module) -> 
             module = model.backbone.get_submodule(name)
             prefix = name + "."
             module.load_state_dict({k[len(prefix) :]: v for k, v in head_state.items() if k.startswith(prefix)})
+    if "posterior_temperature" in metadata:
+        try:
+            guide.posterior_temperature = float(metadata["posterior_temperature"])
+        except ValueError as err:
+            raise RunFolderError(f"{path} holds a bad posterior_temperature: {err}") from err
     guide.to(model.device)
