@@ -43,6 +43,7 @@ def test_there_are_notebooks():
         "01_quickstart.ipynb",
         "02_priors_and_guides.ipynb",
         "03_posterior_diagnostics.ipynb",
+        "04_pyro_modules.ipynb",  # issue 22: a custom Pyro model around the adapters
     ]
 
 

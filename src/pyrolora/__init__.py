@@ -6,7 +6,7 @@ from pyrolora.adapters import AdapterSet, LoraXSConfig, LoraXSLinear, inject_ada
 from pyrolora.errors import PyroloraError
 from pyrolora.evaluation import metrics
 from pyrolora.inference import FitResult, Prediction, fit, fit_posterior, guides, predict
-from pyrolora.models import BayesianLoraModel, likelihoods, priors
+from pyrolora.models import BayesianLoraModel, PyroLoraModel, likelihoods, priors
 
 __all__ = [
     "AdapterSet",
@@ -15,6 +15,7 @@ __all__ = [
     "LoraXSConfig",
     "LoraXSLinear",
     "Prediction",
+    "PyroLoraModel",
     "PyroloraError",
     "__version__",
     "diagnostics",

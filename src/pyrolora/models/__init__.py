@@ -2,5 +2,6 @@
 
 from pyrolora.models import likelihoods, priors
 from pyrolora.models.bayesian import BayesianLoraModel
+from pyrolora.models.pyro_module import PyroLoraModel
 
-__all__ = ["BayesianLoraModel", "likelihoods", "priors"]
+__all__ = ["BayesianLoraModel", "PyroLoraModel", "likelihoods", "priors"]
