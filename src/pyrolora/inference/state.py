@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pyrolora._atomic import umask_mode
 from pyrolora.errors import RunFolderError
 from pyrolora.inference.guides import setup
 from pyrolora.models import BayesianLoraModel
@@ -40,6 +41,7 @@ def save_state(path: str | Path, model: BayesianLoraModel, guide: nn.Module) -> 
         tensors[_PRIOR + key] = value.detach().to("cpu").contiguous().clone()
     metadata = {"sites": _sites(model), "guide_class": type(guide).__name__, "format": "pyrolora-state-1"}
     save_file(tensors, str(path), metadata=metadata)
+    umask_mode(path)  # safetensors creates its files 0600 whatever the umask
 
 
 def load_state(path: str | Path, model: BayesianLoraModel, guide: nn.Module) -> None:
