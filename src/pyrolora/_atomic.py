@@ -4,6 +4,10 @@ A file is written to a temporary name in the destination folder, flushed to disk
 destination with :func:`os.replace`, which POSIX and Windows perform atomically within one file system. A
 reader therefore sees either the complete old file or the complete new one, never a mixture, even when the
 writer is killed half-way; at worst a stray ``.<name>.*.tmp`` file is left behind.
+
+``tempfile`` creates its files with mode 0600 and its folders with 0700 whatever the umask; every file and folder
+that ends up in a run folder or an export is given the ordinary permissions instead (0666 / 0777 less the
+process's umask, what ``open`` and ``mkdir`` give), so that a shared run folder is as readable as any other file.
 """
 
 from __future__ import annotations
@@ -17,7 +21,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "file_sha256", "write_json"]
+__all__ = ["atomic_path", "file_sha256", "umask_mode", "umask_tree", "write_json"]
+
+
+def _current_umask() -> int:
+    """The process's umask (``os.umask`` can only be read by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(path: str | Path) -> Path:
+    """Give a file 0666 and a folder 0777, less the umask: what it would have had from ``open`` / ``mkdir``."""
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_current_umask())
+    return path
+
+
+def umask_tree(folder: str | Path) -> Path:
+    """:func:`umask_mode` on a folder and everything in it (libraries such as safetensors write 0600 files)."""
+    folder = Path(folder)
+    for path in folder.rglob("*"):
+        umask_mode(path)
+    return umask_mode(folder)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -42,6 +68,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        umask_mode(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

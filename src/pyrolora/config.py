@@ -89,7 +89,10 @@ class TaskSpec:
 
     GLUE (``sst2``, ``rte``, ``cola``) and multiple-choice QA (``arc_easy``, ``arc_challenge``, ``openbookqa``)
     read from ``data_dir`` (default ``$PYROLORA_DATA``) or, with ``source = "hub"``, from the Hugging Face hub;
-    ``tsv`` is any GLUE-style task described by the column keys below, ``mcqa`` any AI2-schema task, both at
+    ``tsv`` is any labelled table at ``path``: one ``.tsv``, ``.csv``, ``.json`` or ``.jsonl`` file, or a folder
+    holding ``train_file`` and ``eval_file``; ``text_columns`` (default: the ``text`` or ``sentence`` column),
+    ``label_column`` and ``labels`` (default: the label column's distinct values, sorted) describe it, and without
+    an evaluation file a seeded ``test_fraction`` of it is the test split. ``mcqa`` is any AI2-schema task at
     ``path``. See :func:`pyrolora.data.load_splits`.
     """
 
@@ -100,6 +103,7 @@ class TaskSpec:
     path: str | None = None
     hub_config: str | None = None
     validation_fraction: float = 0.1
+    test_fraction: float = 0.2
     max_train: int | None = None
     max_eval: int | None = None
     split_seed: int = 0
@@ -119,10 +123,12 @@ class TaskSpec:
         for name in ("max_train", "max_eval"):
             if getattr(self, name) is not None:
                 _check_number(getattr(self, name), f"task.{name}", positive=True)
-        if self.name == "tsv" and not (self.text_columns and self.labels and self.path):
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"task.test_fraction must lie in (0, 1), got {self.test_fraction!r}.")
+        if self.name == "tsv" and not self.path:
             raise ConfigError(
-                "task.name = 'tsv' needs task.path, task.text_columns and task.labels (the raw label values in "
-                "class order), e.g. text_columns = ['sentence'], labels = ['0', '1']."
+                "task.name = 'tsv' needs task.path: one .tsv, .csv, .json or .jsonl file, or a folder holding "
+                "train_file (and eval_file), e.g. task = { name = 'tsv', path = 'reviews.csv' }."
             )
         if self.name == "mcqa" and not self.path:
             raise ConfigError("task.name = 'mcqa' needs task.path: a folder with train.jsonl and dev.jsonl.")

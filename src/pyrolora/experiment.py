@@ -76,6 +76,7 @@ def _load_named_task(spec: TaskSpec) -> dict[str, Any]:
         hub_config=spec.hub_config,
         tsv=tsv,
         validation_fraction=spec.validation_fraction,
+        test_fraction=spec.test_fraction,
         max_train=spec.max_train,
         max_eval=spec.max_eval,
         seed=spec.split_seed,

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +29,7 @@ from pyro.infer import autoguide
 from torch import nn
 from torch.distributions import biject_to, constraints
 
+from pyrolora._atomic import umask_mode, umask_tree
 from pyrolora._version import __version__
 from pyrolora.adapters.peft_format import adapter_deltas, merged_copy, project_update, save_peft_adapter
 from pyrolora.errors import ConfigError
@@ -126,6 +127,7 @@ def _write_json(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2)
             handle.write("\n")
+        umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -217,12 +219,14 @@ def merge_to_pretrained(
     *,
     which: Point = "median",
     tokenizer: Any = None,
+    label_names: Sequence[str] | None = None,
 ) -> Path:
     """Save a plain copy of the backbone with the update at the posterior ``which`` folded into its weights.
 
     ``W = W0 + (alpha / r) · B R A`` at every site; the result is written with ``save_pretrained`` (and the
     tokenizer's, if given) into a temporary folder that is then moved to ``out``, so it reloads with
-    ``AutoModelForSequenceClassification.from_pretrained(out)`` and needs neither pyrolora nor peft.
+    ``AutoModelForSequenceClassification.from_pretrained(out)`` and needs neither pyrolora nor peft. With
+    ``label_names`` the saved config's ``id2label`` / ``label2id`` name the classes.
 
     Raises:
         ConfigError: when the backbone has no ``save_pretrained`` (not a transformers model), or ``out``
@@ -239,11 +243,15 @@ def merge_to_pretrained(
     values = point_latents(model, guide, which)
     merged = merged_copy(model.backbone, model.adapters, values)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    if label_names:  # the task's class names, so that pipelines and Hub widgets show them, not LABEL_0
+        merged.config.id2label = dict(enumerate(label_names))
+        merged.config.label2id = {name: i for i, name in enumerate(label_names)}
+    staging = umask_mode(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         merged.save_pretrained(str(staging))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
+        umask_tree(staging)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
@@ -418,4 +426,5 @@ def merge_run(run_dir: str | Path, out: str | Path, *, which: Point = "median") 
     if which not in ("mean", "median"):
         raise ConfigError(f"which must be 'mean' or 'median' for merging, got {which!r}.")
     run = load_run(run_dir)
-    return merge_to_pretrained(run.model, run.guide, out, which=which, tokenizer=run.tokenizer)
+    names = next((tuple(s.label_names) for s in run.splits.values() if hasattr(s, "label_names")), None)
+    return merge_to_pretrained(run.model, run.guide, out, which=which, tokenizer=run.tokenizer, label_names=names)

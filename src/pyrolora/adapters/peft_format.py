@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pyrolora._atomic import umask_mode
 from pyrolora.adapters.injection import AdapterSet
 from pyrolora.adapters.layer import LoraXSLinear, is_supported_layer
 from pyrolora.errors import ConfigError, RunFolderError
@@ -161,10 +162,11 @@ def save_peft_adapter(
     for key, value in head_state.items():
         tensors[PEFT_PREFIX + key] = value.detach().cpu().contiguous().clone()
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    staging = umask_mode(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
         config.save_pretrained(str(staging))
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "source": "pyrolora LoRA-XS"})
+        umask_mode(staging / WEIGHTS_NAME)  # safetensors creates its files 0600 whatever the umask
         if directory.is_dir():
             for name in (CONFIG_NAME, WEIGHTS_NAME):
                 os.replace(staging / name, directory / name)

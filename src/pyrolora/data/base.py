@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,7 +122,9 @@ class TokenizedLoader:
     generator seeded with ``seed``, so two loaders with the same seed yield the same batches.
 
     Args:
-        split: the examples.
+        split: the examples; or a ``datasets.Dataset`` of texts and labels (one call from a Hugging Face
+            dataset to batches: its ``text`` or ``sentence`` column and its ``label`` column are read by
+            :func:`pyrolora.data.glue.dataset_to_split`; convert it yourself to name other columns).
         tokenizer: a Hugging Face tokenizer.
         batch_size: examples per batch (the last batch may be smaller).
         max_length: token limit per example; longer inputs are truncated, with one :class:`TruncationWarning`
@@ -133,7 +136,7 @@ class TokenizedLoader:
 
     def __init__(
         self,
-        split: ClassificationSplit,
+        split: ClassificationSplit | Any,
         tokenizer,
         *,
         batch_size: int,
@@ -144,6 +147,10 @@ class TokenizedLoader:
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be positive, got {batch_size}.")
+        if not isinstance(split, ClassificationSplit) and hasattr(split, "column_names"):
+            from pyrolora.data.glue import dataset_to_split  # glue imports this module
+
+            split = dataset_to_split(split)
         self.split = split
         self.batch_size = batch_size
         self.shuffle = shuffle

@@ -24,7 +24,15 @@ from typing import Any, Literal
 import numpy as np
 
 from pyrolora.data.base import ClassificationSplit, split_indices
-from pyrolora.data.glue import GLUE_TASKS, TsvSpec, load_tsv, records_to_split
+from pyrolora.data.glue import (
+    GLUE_TASKS,
+    TsvSpec,
+    load_table,
+    read_table,
+    records_to_split,
+    resolve_spec,
+    rows_to_split,
+)
 from pyrolora.data.mcqa import MultipleChoiceSplit, hub_records_to_mcqa, load_mcqa_jsonl
 from pyrolora.errors import DataError
 
@@ -112,6 +120,33 @@ def hub_splits(hub_id: str, hub_config: str | None, names: tuple[str, ...]) -> d
     return {n: list(loaded[n]) for n in names}
 
 
+def _local_table(
+    name: str, path: Path, spec: TsvSpec, test_fraction: float, seed: int
+) -> tuple[ClassificationSplit, dict[str, Split]]:
+    """The training split and the evaluation splits of a table task at ``path`` (one file or a folder)."""
+    train_file = path if path.is_file() else path / spec.train_file
+    header, rows = read_table(train_file, spec)
+    spec = resolve_spec(spec, header, rows)  # once, from the training file, so every split shares the classes
+    full = rows_to_split(rows, spec, train_file)
+    eval_file = None if path.is_file() else path / spec.eval_file
+    if eval_file is not None and not eval_file.exists() and name == "tsv" and spec.eval_file == "dev.tsv":
+        eval_file = None  # a folder of one's own data with no evaluation file (the default name absent)
+    if eval_file is None:
+        if not 0 < test_fraction < 1:
+            raise DataError(f"test_fraction must lie in (0, 1), got {test_fraction!r}.")
+        rest, test = split_indices(len(full), (1 - test_fraction, test_fraction), seed)
+        if len(test) == 0 or len(rest) < 2:
+            raise DataError(
+                f"test_fraction={test_fraction} of the {len(full)} rows of {train_file} leaves an empty split; give "
+                "more rows, another test_fraction, or an evaluation file (task.eval_file in a folder)."
+            )
+        return full.subset(rest), {"test": full.subset(test)}
+    evals: dict[str, Split] = {"test": load_table(eval_file, spec)}
+    for split_name, file in spec.extra_eval_files.items():
+        evals[split_name] = load_table(path / file, spec)
+    return full, evals
+
+
 def load_splits(
     name: str,
     *,
@@ -121,6 +156,7 @@ def load_splits(
     hub_config: str | None = None,
     tsv: TsvSpec | None = None,
     validation_fraction: float = 0.1,
+    test_fraction: float = 0.2,
     max_train: int | None = None,
     max_eval: int | None = None,
     seed: int = 0,
@@ -132,10 +168,14 @@ def load_splits(
             ``"tsv"`` (any GLUE-style task described by ``tsv``) or ``"mcqa"`` (any AI2-schema task) from ``path``.
         source: ``"local"`` files or ``"hub"`` (``datasets.load_dataset``).
         data_dir: root of the local layout (default ``$PYROLORA_DATA``) for named tasks.
-        path: the task's folder (local) or dataset id (hub); overrides the named task's location.
+        path: the task's folder (local) or dataset id (hub); overrides the named task's location. For a
+            ``"tsv"`` task it may also be one ``.tsv``, ``.csv``, ``.json`` or ``.jsonl`` file.
         hub_config: the dataset configuration on the hub (default: the named task's).
         tsv: the column spec of a ``"tsv"`` task (named GLUE tasks have theirs built in).
         validation_fraction: share of the (subsampled) training file held out as ``validation``.
+        test_fraction: for a ``"tsv"`` task without an evaluation file (``path`` is one file, or a folder without
+            ``spec.eval_file``): the share of the file held out as ``test``, seeded by ``seed``, before
+            ``validation`` is carved from the rest.
         max_train: keep a seeded random subset of this many training rows (before carving validation).
         max_eval: keep a seeded random subset of this many rows of every evaluation split.
         seed: seed of the subsets and of the train / validation partition.
@@ -157,6 +197,8 @@ def load_splits(
         rows = hub_splits(hub_id, config, ("train", "validation"))
         where = f"{hub_id}[{config}]" if config else hub_id
         if kind == "tsv":
+            train_rows = [(f"{where}:train[{i}]", row) for i, row in enumerate(rows["train"])]
+            spec = resolve_spec(spec, list(rows["train"][0]) if rows["train"] else [], train_rows)  # type: ignore[arg-type]
             full = records_to_split(rows["train"], spec, f"{where}:train")  # type: ignore[arg-type]
             evals = {"test": records_to_split(rows["validation"], spec, f"{where}:validation")}  # type: ignore[arg-type]
         else:
@@ -166,10 +208,7 @@ def load_splits(
         folder = Path(path).expanduser() if path else data_root(data_dir) / info.folder  # type: ignore[union-attr]
         if kind == "tsv":
             assert spec is not None
-            full = load_tsv(folder / spec.train_file, spec)
-            evals = {"test": load_tsv(folder / spec.eval_file, spec)}
-            for split_name, file in spec.extra_eval_files.items():
-                evals[split_name] = load_tsv(folder / file, spec)
+            full, evals = _local_table(name, folder, spec, test_fraction, seed)
         else:
             full = load_mcqa_jsonl(folder / "train.jsonl")
             evals = {"test": load_mcqa_jsonl(folder / "dev.jsonl")}

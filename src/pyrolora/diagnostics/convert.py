@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pyrolora._atomic import umask_mode
 from pyrolora.errors import ConfigError, DataError, RunFolderError
 from pyrolora.inference.batches import split_batch, to_device
 from pyrolora.inference.predict import draw_latents
@@ -286,6 +287,7 @@ def save_inference_data(idata: arviz.InferenceData, path: str | Path) -> Path:
     os.close(fd)
     try:
         idata.to_netcdf(tmp)
+        umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

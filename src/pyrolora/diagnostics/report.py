@@ -22,7 +22,7 @@ import numpy as np
 
 from pyrolora.errors import ConfigError, RunFolderError
 
-__all__ = ["DiagnoseResult", "diagnose", "format_site_table"]
+__all__ = ["DiagnoseResult", "diagnose", "format_site_table", "guide_label", "report_columns"]
 
 
 @dataclass
@@ -54,6 +54,58 @@ def format_site_table(frame: Any, max_rows: int = 12) -> str:
     if len(frame) > max_rows:
         lines.append(f"| ... {len(frame) - max_rows} more sites | " + " | ".join("" for _ in columns) + " |")
     return "\n".join(lines)
+
+
+#: readable headers of :func:`~pyrolora.diagnostics.summaries.site_summary`'s columns
+_HEADERS = {
+    "entries": "entries",
+    "mean_abs_mean": "mean abs E[R]",
+    "mean_sd": "mean sd",
+    "min_ess_bulk": "min bulk ESS",
+    "min_ess_tail": "min tail ESS",
+    "max_r_hat": "max R-hat",
+}
+_CHAIN_COLUMNS = ("min_ess_bulk", "min_ess_tail", "max_r_hat")
+
+
+def guide_label(name: str, options: dict[str, Any] | None) -> str:
+    """A readable name of a guide for titles and legends: ``lowrank (rank=2)``, never a dict repr."""
+    if not options:
+        return name
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})"
+
+
+def report_columns(frame: Any, *, mcmc: bool) -> tuple[Any, str]:
+    """The site table as the report shows it, and the sentence that says what its columns mean.
+
+    For a variational guide (or SWAG, Laplace: anything whose draws are independent draws from a fitted
+    distribution) R-hat and ESS are left out: they would only check that independent draws look independent
+    (R-hat ≈ 1 and ESS ≈ the number of draws by construction, up to Monte Carlo noise), not that the fit
+    converged. For MCMC chains they are the convergence diagnostics of Vehtari et al. (2021) and stay.
+    Columns that do not apply (all NaN, or a standard deviation of 0 for a point mass) are hidden too.
+    """
+    keep = [c for c in frame.columns if mcmc or c not in _CHAIN_COLUMNS]
+    keep = [c for c in keep if not frame[c].isna().all()]
+    point_mass = "mean_sd" in keep and bool((frame["mean_sd"] == 0).all())
+    if point_mass:
+        keep.remove("mean_sd")
+    shown = frame[keep].rename(columns=_HEADERS)
+    if mcmc:
+        note = (
+            "Mean abs E[R] and mean sd over the r x r entries; the smallest bulk and tail ESS and the largest "
+            "R-hat over them, from the sampler's own chains (MCMC convergence checks: R-hat near 1, ESS in the "
+            "hundreds)."
+        )
+    else:
+        note = (
+            "Mean abs E[R] over the r x r entries"
+            + ("" if point_mass else " and their mean posterior sd")
+            + ". R-hat and ESS are not shown: the draws are independent draws from the fitted guide, so they "
+            "would be near 1 and near the number of draws by construction and say nothing about whether the "
+            "fit converged; for that see the ELBO trace, and the Pareto-k below for how well the guide matches "
+            "the posterior."
+        )
+    return shown, note
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -112,7 +164,7 @@ def diagnose(
         data = data.subset(np.arange(min(max_examples, len(data))))
     out.mkdir(parents=True, exist_ok=True)
     guide_name = run.config.guide.name
-    label = f"{guide_name} {run.config.guide.options or ''}".strip()
+    label = guide_label(guide_name, run.config.guide.options)
     images: dict[str, Path] = {}
     notes: list[str] = []
 
@@ -145,7 +197,8 @@ def diagnose(
         attrs={"pyrolora_run": str(run_dir), "pyrolora_split": split},
     )
     netcdf = save_inference_data(idata, out / "posterior.nc")
-    sites = site_summary(idata)
+    mcmc = callable(getattr(run.guide, "chain_samples", None))  # the sampler's own chains (NUTS)
+    sites, site_note = report_columns(site_summary(idata), mcmc=mcmc)
     images["forest"] = plots.forest(idata, out / "forest.png")
     spectrum = covariance_spectrum(run.guide, run.model, seed=seed)
     images["spectrum"] = plots.spectrum_plot({label: spectrum}, out / "spectrum.png", title=f"posterior of {label}")
@@ -159,6 +212,7 @@ def diagnose(
         "num_chains": num_chains,
         "num_draws": num_samples,
         "num_latents": run.model.num_latents,
+        "draws_are": "mcmc chains" if mcmc else "independent draws from the fitted guide",
         "metrics": evaluation.metrics,
         "spectrum": spectrum.to_dict(),
     }
@@ -167,11 +221,13 @@ def diagnose(
         loo = az.loo(idata, pointwise=True)
         waic = az.waic(idata)
     pointwise_k = np.asarray(loo.pareto_k)
+    k_threshold = float(loo.good_k)  # ArviZ's sample-size threshold min(1 - 1 / log10(S), 0.7) for S draws
     numbers["loo"] = {
         "elpd_loo": float(loo.elpd_loo),
         "se": float(loo.se),
         "p_loo": float(loo.p_loo),
-        "share_pointwise_k_above_0.7": float((pointwise_k > 0.7).mean()),
+        "k_threshold": k_threshold,
+        "share_pointwise_k_above_threshold": float((pointwise_k > k_threshold).mean()),
     }
     numbers["waic"] = {"elpd_waic": float(waic.elpd_waic), "se": float(waic.se), "p_waic": float(waic.p_waic)}
     for w in caught:
@@ -189,30 +245,38 @@ def diagnose(
 
     table = format_site_table(sites)
     report = out / "report.md"
-    _write_text(report, _markdown(numbers, table, images, notes, len(sites)))
+    _write_text(report, _markdown(numbers, table, site_note, images, notes, len(sites)))
     _write_text(out / "diagnostics.json", json.dumps(numbers, indent=2, default=str) + "\n")
     return DiagnoseResult(out=out, report=report, netcdf=netcdf, numbers=numbers, table=table, images=images)
 
 
-def _markdown(numbers: dict[str, Any], table: str, images: dict[str, Path], notes: list[str], num_sites: int) -> str:
+def _markdown(
+    numbers: dict[str, Any], table: str, site_note: str, images: dict[str, Path], notes: list[str], num_sites: int
+) -> str:
     m, s, loo, pk = numbers["metrics"], numbers["spectrum"], numbers["loo"], numbers["pareto_k"]
     shares = ", ".join(f"top {k.split('_')[-1]}: {v:.3f}" for k, v in s.items() if k.startswith("share_top_"))
+    columns = [("accuracy", "accuracy"), ("ECE", "ece"), ("NLL", "nll"), ("Brier", "brier")]
+    rho = m.get("spearman_human_disagreement")
+    if rho is not None and not (isinstance(rho, float) and math.isnan(rho)):  # only tasks with rater labels
+        columns.append(("Spearman vs human disagreement", "spearman_human_disagreement"))
+    draws = "MCMC draws" if numbers["draws_are"] == "mcmc chains" else "independent draws from the guide"
     lines = [
         f"# Diagnostics of `{numbers['run']}`",
         "",
-        f"Guide `{numbers['guide']}` {numbers['guide_options'] or ''} over D = {numbers['num_latents']} latents "
+        f"Guide `{guide_label(numbers['guide'], numbers['guide_options'])}` over D = {numbers['num_latents']} latents "
         f"({num_sites} adapter sites). Split `{numbers['split']}`, first {numbers['num_examples']} examples; "
-        f"{numbers['num_chains']} chains x {numbers['num_draws']} draws.",
+        f"{numbers['num_chains'] * numbers['num_draws']} {draws}.",
         "",
         "## Predictive performance",
         "",
-        "| accuracy | ECE | NLL | Brier | Spearman vs human disagreement |",
-        "|---|---|---|---|---|",
-        f"| {m['accuracy']:.3f} | {m['ece']:.3f} | {m['nll']:.3f} | {m['brier']:.3f} "
-        f"| {_fmt(m.get('spearman_human_disagreement', math.nan))} |",
+        "| " + " | ".join(name for name, _ in columns) + " |",
+        "|---" * len(columns) + "|",
+        "| " + " | ".join(f"{m[key]:.3f}" for _, key in columns) + " |",
         "",
         f"PSIS-LOO: elpd {loo['elpd_loo']:.2f} (SE {loo['se']:.2f}), p_loo {loo['p_loo']:.2f}; share of examples "
-        f"with pointwise k > 0.7: {loo['share_pointwise_k_above_0.7']:.3f}. WAIC: elpd "
+        f"with pointwise k above {loo['k_threshold']:.2f} (ArviZ's threshold for "
+        f"{numbers['num_chains'] * numbers['num_draws']} draws, min(1 - 1/log10 S, 0.7)): "
+        f"{loo['share_pointwise_k_above_threshold']:.3f}. WAIC: elpd "
         f"{numbers['waic']['elpd_waic']:.2f} (SE {numbers['waic']['se']:.2f}).",
         "",
     ]
@@ -224,7 +288,7 @@ def _markdown(numbers: dict[str, Any], table: str, images: dict[str, Path], note
     lines += [
         "## Posterior summary per site",
         "",
-        "Mean |E[R]| and mean sd over the r x r entries; smallest bulk/tail ESS and largest R-hat over them.",
+        site_note,
         "",
         table,
         "",

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pyrolora._atomic import umask_mode
 from pyrolora.errors import RunFolderError
 from pyrolora.inference.guides import setup
 from pyrolora.models import BayesianLoraModel
@@ -42,6 +43,7 @@ def save_state(path: str | Path, model: BayesianLoraModel, guide: nn.Module) -> 
     if getattr(guide, "posterior_temperature", None) is not None:  # chosen on validation data by fit
         metadata["posterior_temperature"] = repr(float(guide.posterior_temperature))
     save_file(tensors, str(path), metadata=metadata)
+    umask_mode(path)  # safetensors creates its files 0600 whatever the umask
 
 
 def load_state(path: str | Path, model: BayesianLoraModel, guide: nn.Module) -> None:

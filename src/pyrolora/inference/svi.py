@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pyrolora.errors import ConfigError, DataError, DivergenceError
 from pyrolora.inference import distributed
-from pyrolora.inference.batches import split_batch, to_device
+from pyrolora.inference.batches import check_batches, require_targets, split_batch, to_device
 from pyrolora.inference.checkpoint import BatchStream, Checkpointer
 from pyrolora.inference.guides import check_local
 from pyrolora.inference.lean import LeanELBO, supports
@@ -280,6 +280,7 @@ def fit(
     """
     if (num_epochs is None) == (num_steps is None):
         raise ConfigError("give exactly one of num_epochs and num_steps.")
+    check_batches(data)
     if num_steps is None:
         batches = _num_batches(data)
         if batches is None:
@@ -326,6 +327,7 @@ def fit(
         stream = BatchStream(data, num_steps)
         batch = next(stream)
         inputs, targets = split_batch(to_device(batch, device))
+        require_targets(targets, 0)
         if getattr(guide, "prototype_trace", True) is None:
             guide(inputs, targets)  # autoguides create their parameters on first call
         guide_params = [p for p in guide.parameters() if p.requires_grad]
@@ -383,6 +385,7 @@ def fit(
         for step in range(first_step, num_steps):
             if step:
                 inputs, targets = split_batch(to_device(next(stream), device))
+                require_targets(targets, step)
             optimizer.zero_grad(set_to_none=True)
             model.kl_weight = beta(step, num_steps)
             if lean_elbo is not None:
