@@ -7,6 +7,7 @@ not change speed), plus ``tiny-bert`` / ``tiny-llama`` for the CPU smoke test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -257,3 +258,25 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
+
+
+@contextlib.contextmanager
+def fast_svd(enabled: bool = True):
+    """Within the block, LoRA-XS factors come from a randomised truncated SVD (``torch.svd_lowrank``).
+
+    For benchmarks on random-weight shapes only: the factors' values do not change the speed of a step, and the
+    exact SVD of every 2048 x 8192 weight of a 1B Llama would take longer than the steps measured on it.
+    """
+    if not enabled:
+        yield
+        return
+    from unittest import mock
+
+    def factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weight.detach().float()
+        u, s, v = torch.svd_lowrank(w, q=min(rank + 8, *w.shape), niter=1)  # (out, q), (q,), (in, q)
+        a = s[:rank, None] * v[:, :rank].T  # (r, in)
+        return a.to(weight.dtype).contiguous(), u[:, :rank].to(weight.dtype).contiguous()
+
+    with mock.patch("pyrolora.adapters.layer.svd_factors", factors):
+        yield
