@@ -35,6 +35,8 @@ class Shape:
 
 BERT_XS = ("query", "value", "attention.output.dense", "output.dense")
 LLAMA_XS = ("q_proj", "v_proj", "o_proj", "down_proj")
+#: all-MiniLM-L6-v2's architecture, for random weights where the pretrained ones are absent
+MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 SHAPES = {
     "tiny-bert": Shape(
         "tiny-bert",
@@ -113,8 +115,15 @@ def build_backbone(shape: Shape, device: torch.device, model_path: str | None = 
     torch.manual_seed(seed)
     if shape.config is None:
         from pyrolora.backbones import resolve_model
+        from pyrolora.errors import ConfigError
 
-        path = model_path or os.environ.get("PYROLORA_MINILM") or resolve_model("minilm")
+        try:
+            path = model_path or os.environ.get("PYROLORA_MINILM") or resolve_model("minilm")
+        except ConfigError:
+            path = None
+        if path is None or not os.path.isdir(path):
+            print(f"no MiniLM weights at {path!r}: a random-weight MiniLM shape instead (same speed)", flush=True)
+            return build_backbone(Shape("minilm-random", "bert", shape.lora_targets, shape.xs_targets, MINILM), device)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
         model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
         for m in model.modules():

@@ -336,23 +336,24 @@ def compare_step(args, device, rate, model_name, batch, length, steps, compile=F
     sets = TARGETS[shape.family]
     for set_name in only or list(sets):
         targets = sets[set_name]
-        probe = build_backbone(shape, device, args.model_path)
-        budget_rank = equal_budget_rank(probe, targets, args.rank)
-        del probe
-        _free(device)
-        plan: list[tuple[str, int, str]] = [("peft-lora", args.rank, "equal rank")]
+        plan: list[tuple[str, int | None, str]] = [("peft-lora", args.rank, "equal rank")]
         plan += [(m, args.rank, "equal rank") for m in ("lora-xs-map", "b-lora-xs-svi")]
         if set_name == "four" and not compile:
             plan += [(m, args.rank, "equal rank") for m in ("b-lora-xs-svi-fit", "b-lora-xs-svi-before")]
         if not compile:
-            plan += [(m, budget_rank, "equal budget") for m in ("lora-xs-map", "b-lora-xs-svi")]
+            plan += [(m, None, "equal budget") for m in ("lora-xs-map", "b-lora-xs-svi")]  # rank from peft's run
         models: dict[int, Any] = {}
+        budget_rank = None
         for name, rank, compare in plan:
             label = name + (" +compile" if compile else "")
+            rank = budget_rank if rank is None else rank
             try:
+                if rank is None:
+                    raise RuntimeError("the equal-budget rank comes from the peft run, which did not run")
                 if name == "peft-lora":
                     backbone = build_backbone(shape, device, args.model_path)
                     backbone.train()
+                    budget_rank = equal_budget_rank(backbone, targets, args.rank)  # before peft wraps the layers
                     method = peft_method(backbone, targets, rank, inputs, labels, autocast, compile)
                 else:
                     if rank not in models:  # MAP and SVI at one rank share the backbone and its adapters
@@ -365,8 +366,11 @@ def compare_step(args, device, rate, model_name, batch, length, steps, compile=F
                 method.name = label
                 result = measure(method, device, args.warmup, steps)
                 rows.append(_row(method, result, set_name, compare, tokens, rate))
-            except torch.cuda.OutOfMemoryError as err:
-                rows.append(_row(label, None, set_name, compare, tokens, rate, error=f"OOM: {str(err)[:80]}"))
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # one failed run must not end the benchmark
+                if not isinstance(err, torch.cuda.OutOfMemoryError) and "out of memory" not in str(err):
+                    if "equal-budget rank" not in str(err):
+                        raise
+                rows.append(_row(label, None, set_name, compare, tokens, rate, error=str(err)[:100]) | {"rank": rank})
             finally:
                 method = backbone = None
                 _free(device)
@@ -379,7 +383,8 @@ def compare_step(args, device, rate, model_name, batch, length, steps, compile=F
         f"step: {model_name}, batch {batch} x {length}, {args.precision}{mode}, {device}; peft r={args.rank}; "
         f"targets qv = {'+'.join(sets['qv'])}, four = {'+'.join(sets['four'])}"
     )
-    return {"rows": rows, "table": print_table(rows, COLUMNS, title)}
+    columns = COLUMNS + (["error"] if any(r.get("error") for r in rows) else [])
+    return {"rows": rows, "table": print_table(rows, columns, title)}
 
 
 def profile_step(args, device, model_name, batch, length) -> dict[str, Any]:
@@ -451,16 +456,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=None, help="subset of the plan's models")
     p.add_argument("--precision", choices=["float32", "bf16"], default="bf16")
     p.add_argument("--rank", type=int, default=16, help="peft's rank and LoRA-XS's equal rank")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3, tiny 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2, tiny 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: the plan's)")
     p.add_argument("--exact-svd", action="store_true", help="exact SVD for random-weight shapes too (slower set-up)")
     p.add_argument("--profile", default=None, help="MODEL:BATCH:LENGTH profiled (default roberta-large:32:128)")
     p.add_argument("--profile-rows", type=int, default=15)
     p.add_argument("--trace-dir", default=None, help="write chrome traces here (never commit them)")
-    p.add_argument("--predict", default=None, help="MODEL:BATCH for S=15 prediction (default llama-1b:64)")
+    p.add_argument("--predict", default=None, help="MODEL for S=15 prediction (default llama-1b)")
+    p.add_argument("--predict-batches", type=int, nargs="+", default=None, help="default 8 64 (tiny: 4)")
     p.add_argument("--compile", default=None, help="MODEL:BATCH:LENGTH also run with torch.compile ('' for none)")
     p.add_argument("--skip", nargs="*", default=[], choices=["step", "profile", "predict", "compile"])
-    p.add_argument("--budget-s", type=float, default=420.0, help="skip parts that would start after this")
+    p.add_argument("--budget-s", type=float, default=330.0, help="parts that would start after this are skipped")
     p.add_argument("--matmul-tflops", type=float, default=None, help="bf16 rate; measured here if absent")
     p.add_argument("--out", required=True, help="folder for summary.md and all.json")
     return p
@@ -480,12 +486,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = TINY_PLAN if args.tiny else FULL_PLAN
     if args.models:
         plan = [p for p in plan if p[0] in args.models]
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
     profile_spec = args.profile or ("tiny-bert:4:16" if args.tiny else "roberta-large:32:128")
-    predict_spec = args.predict or ("tiny-llama:4" if args.tiny else "llama-1b:64")
+    predict_model = args.predict or ("tiny-llama" if args.tiny else "llama-1b")
+    predict_batches = args.predict_batches or ([4] if args.tiny else [8, 64])
     compile_spec = args.compile if args.compile is not None else ("" if args.tiny else "minilm:32:128")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     rate = args.matmul_tflops * 1e12 if args.matmul_tflops else matmul_rate(device, 256 if args.tiny else 8192)
     print(f"measured bf16 matmul rate: {rate / 1e12:.1f} TFLOP/s", flush=True)
     env = environment(device)
@@ -524,9 +529,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tables.append(part["table"])
         save()
     if "predict" not in args.skip and in_budget("predict"):
-        model_name, batch = _spec(predict_spec, 2)
+        (model_name,) = _spec(predict_model, 1)
         options = ["--model", model_name, "--device", args.device, "--precision", args.precision]
-        options += ["--batch-sizes", str(batch), "--length", "16" if args.tiny else "128", "--samples", "15"]
+        options += [
+            "--batch-sizes",
+            *map(str, predict_batches),
+            "--length",
+            "16" if args.tiny else "128",
+            "--samples",
+            "15",
+        ]
         options += ["--batches", "1" if args.tiny else "2", "--repeats", "1" if args.tiny else "2"]
         if args.model_path:
             options += ["--model-path", args.model_path]
