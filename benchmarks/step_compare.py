@@ -7,8 +7,9 @@ attention-output dense, FFN-output dense; on Llama q_proj, v_proj, o_proj, down_
 - ``lora-xs-map`` and ``b-lora-xs-svi`` at the same rank r (**equal rank**), and again at the rank whose latent
   count D = M r_b² matches peft's adapter parameters Σ r (in + out) over the same M modules (**equal budget**);
 - on the four-module set at equal rank also ``b-lora-xs-svi-fit`` (the same step through :func:`pyrolora.fit`,
-  with its checks and callbacks) and ``b-lora-xs-svi-before`` (the LoRA-XS layer's forward as it was before
-  issue 21: R folded into B under a gradient, a separate addition, one cast per layer and core).
+  with its checks and callbacks; first batch of each model only) and ``b-lora-xs-svi-before`` (the LoRA-XS
+  layer's forward as it was before issue 21: R folded into B under a gradient, a separate addition, one cast per
+  layer and core).
 
 Every method runs the same loop: ``zero_grad``, forward under bf16 autocast, loss, backward, gradient clipping,
 AdamW step, ``loss.item()``. The LoRA-XS methods compute the loss with the lean step
@@ -22,7 +23,7 @@ Then a ``torch.profiler`` run of one step per method on one shape prints the top
 against 15 single passes (:mod:`benchmarks.predict_throughput`) on the 1B Llama shape, and, last, the same
 step with ``torch.compile`` on one shape. Parts that would overrun ``--budget-s`` are skipped and listed.
 
-    python -m benchmarks.step_compare --out /tmp/step_compare                 # GPU, about 6-7 minutes
+    python -m benchmarks.step_compare --model-path MINILM_DIR --out /tmp/step_compare   # GPU, about 6-8 minutes
     python -m benchmarks.step_compare --tiny --device cpu --out /tmp/sc       # CPU smoke, seconds
 """
 
@@ -326,8 +327,14 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- parts
-def compare_step(args, device, rate, model_name, batch, length, steps, compile=False, only=None) -> dict[str, Any]:
-    """Every method and target set on one (model, batch); returns rows and the printed table."""
+def compare_step(
+    args, device, rate, model_name, batch, length, steps, compile=False, only=None, with_fit=True
+) -> dict[str, Any]:
+    """Every method and target set on one (model, batch); returns rows and the printed table.
+
+    ``with_fit``: also time the step through :func:`pyrolora.fit` (a fixed per-step overhead, so the plan measures
+    it at the first batch of each model only).
+    """
     shape: Shape = SHAPES[model_name]
     autocast = _autocast(device, args.precision)
     inputs, labels = random_batch(shape, batch, length, device)
@@ -339,7 +346,8 @@ def compare_step(args, device, rate, model_name, batch, length, steps, compile=F
         plan: list[tuple[str, int | None, str]] = [("peft-lora", args.rank, "equal rank")]
         plan += [(m, args.rank, "equal rank") for m in ("lora-xs-map", "b-lora-xs-svi")]
         if set_name == "four" and not compile:
-            plan += [(m, args.rank, "equal rank") for m in ("b-lora-xs-svi-fit", "b-lora-xs-svi-before")]
+            extras = ("b-lora-xs-svi-fit", "b-lora-xs-svi-before") if with_fit else ("b-lora-xs-svi-before",)
+            plan += [(m, args.rank, "equal rank") for m in extras]
         if not compile:
             plan += [(m, None, "equal budget") for m in ("lora-xs-map", "b-lora-xs-svi")]  # rank from peft's run
         models: dict[int, Any] = {}
@@ -517,7 +525,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for model_name, batch, length, steps in plan:
             if not in_budget(f"step {model_name} {batch}x{length}"):
                 continue
-            part = compare_step(args, device, rate, model_name, batch, length, args.steps or steps)
+            first = next(p for p in plan if p[0] == model_name) == (model_name, batch, length, steps)
+            part = compare_step(args, device, rate, model_name, batch, length, args.steps or steps, with_fit=first)
             results[f"step/{model_name}/{batch}x{length}"] = part["rows"]
             tables.append(part["table"])
             save()
