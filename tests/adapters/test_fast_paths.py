@@ -132,14 +132,17 @@ def test_compute_values_casts_all_cores_at_once_with_the_same_values_and_gradien
     if samples:
         batch = {k: v.repeat(samples, 1) for k, v in batch.items()}
     results = []
-    for joint in (False, True):
+    for joint in (False, True, "flat"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            used = adapters.compute_values(values) if joint else values
+            used = values if not joint else adapters.compute_values(values, theta if joint == "flat" else None)
             if joint:
                 assert all(v.dtype == torch.bfloat16 for v in used.values())
             with adapters.use(used):
                 logits = model(**batch).logits
         (grad,) = torch.autograd.grad(logits.float().square().sum(), theta)
         results.append((logits, grad))
-    assert torch.equal(results[0][0], results[1][0])  # the same bf16 cores in the same products
-    assert torch.equal(results[0][1], results[1][1])
+    for logits, grad in results[1:]:
+        assert torch.equal(logits, results[0][0])  # the same bf16 cores in the same products
+        assert torch.equal(grad, results[0][1])
+    with pytest.raises(ValueError, match="flat must have shape"), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapters.compute_values(values, theta[..., :-1])
