@@ -34,6 +34,7 @@ import contextlib
 import gc
 import math
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ def _before_issue_21():
 
     with (
         mock.patch.object(LoraXSLinear, "forward", _legacy_forward),
-        mock.patch.object(AdapterSet, "compute_values", lambda self, values: dict(values)),
+        mock.patch.object(AdapterSet, "compute_values", lambda self, values, flat=None: dict(values)),
     ):
         yield
 
@@ -183,7 +184,7 @@ def peft_method(backbone, targets, rank, inputs, labels, autocast, compile) -> M
         backbone, LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0, target_modules=list(targets), task_type="SEQ_CLS")
     )
     model.train()
-    forward = torch.compile(model) if compile else model
+    forward = model if compile is False else torch.compile(model, **compile)  # False, or torch.compile options
     params = [p for p in model.parameters() if p.requires_grad]
     lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
 
@@ -251,8 +252,9 @@ def xs_method(model, name, rank, inputs, labels, autocast, compile, precision) -
     return Method(name, rank, model.num_latents, trainable, _loop(params, optimizer, loss), loss, context)
 
 
-def measure(method: Method, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
-    """Median step time (s), peak memory over the timed steps (bytes) and FLOPs of one forward and backward."""
+def measure(method: Method, device: torch.device, warmup: int, steps: int, flops: bool = True) -> dict[str, Any]:
+    """Median step time (s), peak memory over the timed steps (bytes) and FLOPs of one forward and backward
+    (``None`` with ``flops=False``: torch's FLOP counter does not see inside a compiled graph)."""
     with method.context():
         if method.name.endswith("-fit"):  # one fit call; a step's time is the gap between callbacks
             stamps: list[float] = []
@@ -279,7 +281,7 @@ def measure(method: Method, device: torch.device, warmup: int, steps: int) -> di
                 sync(device)
                 times.append(time.perf_counter() - start)
         top = peak(device)
-        flops = count_flops(lambda: method.loss().backward())
+        flops = count_flops(lambda: method.loss().backward()) if flops else None
     return {"seconds": median(times), "times": times, "peak": top, "base": base, "flops": flops}
 
 
@@ -305,7 +307,7 @@ def _row(
         tokens_per_s=tokens / step,
         peak_mib=result["peak"] / 2**20 if result["peak"] else None,
         flops_per_step=result["flops"],
-        mfu=result["flops"] / step / rate,
+        mfu=result["flops"] / step / rate if result["flops"] else None,
         step_times_ms=[1e3 * t for t in result["times"]],
     )
     return row
@@ -316,8 +318,10 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
         if r.get("step_ms") is None:
             continue
         same = [x for x in rows if x["targets"] == r["targets"] and x.get("step_ms") is not None]
-        peft = next((x for x in same if x["method"] == "peft-lora"), None)
-        xs_map = next((x for x in same if x["method"] == "lora-xs-map" and x.get("rank") == r.get("rank")), None)
+        peft = next((x for x in same if x["method"].startswith("peft-lora")), None)
+        xs_map = next(
+            (x for x in same if x["method"].startswith("lora-xs-map") and x.get("rank") == r.get("rank")), None
+        )
         for ref, tag in ((peft, "peft"), (xs_map, "map")):
             if ref is None:
                 continue
@@ -352,6 +356,7 @@ def compare_step(
             plan += [(m, None, "equal budget") for m in ("lora-xs-map", "b-lora-xs-svi")]  # rank from peft's run
         models: dict[int, Any] = {}
         budget_rank = None
+        options = ({"backend": args.compile_backend} if args.compile_backend else {}) if compile else False
         for name, rank, compare in plan:
             label = name + (" +compile" if compile else "")
             rank = budget_rank if rank is None else rank
@@ -362,7 +367,7 @@ def compare_step(
                     backbone = build_backbone(shape, device, args.model_path)
                     backbone.train()
                     budget_rank = equal_budget_rank(backbone, targets, args.rank)  # before peft wraps the layers
-                    method = peft_method(backbone, targets, rank, inputs, labels, autocast, compile)
+                    method = peft_method(backbone, targets, rank, inputs, labels, autocast, options)
                 else:
                     if rank not in models:  # MAP and SVI at one rank share the backbone and its adapters
                         models.clear()
@@ -370,14 +375,14 @@ def compare_step(
                         backbone = build_backbone(shape, device, args.model_path)
                         with fast_svd(shape.config is not None and not args.exact_svd):
                             models[rank] = xs_model(backbone, targets, rank)
-                    method = xs_method(models[rank], name, rank, inputs, labels, autocast, compile, args.precision)
+                    method = xs_method(models[rank], name, rank, inputs, labels, autocast, options, args.precision)
                 method.name = label
-                result = measure(method, device, args.warmup, steps)
+                result = measure(method, device, args.warmup, steps, flops=not compile)
                 rows.append(_row(method, result, set_name, compare, tokens, rate))
-            except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # one failed run must not end the benchmark
-                if not isinstance(err, torch.cuda.OutOfMemoryError) and "out of memory" not in str(err):
-                    if "equal-budget rank" not in str(err):
-                        raise
+            except Exception as err:  # one failed run (OOM, a compile error) must not end a one-shot GPU run
+                if args.strict:
+                    raise
+                traceback.print_exc()
                 rows.append(_row(label, None, set_name, compare, tokens, rate, error=str(err)[:100]) | {"rank": rank})
             finally:
                 method = backbone = None
@@ -473,11 +478,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--predict", default=None, help="MODEL for S=15 prediction (default llama-1b)")
     p.add_argument("--predict-batches", type=int, nargs="+", default=None, help="default 8 64 (tiny: 4)")
     p.add_argument("--compile", default=None, help="MODEL:BATCH:LENGTH also run with torch.compile ('' for none)")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     p.add_argument("--skip", nargs="*", default=[], choices=["step", "profile", "predict", "compile"])
+    p.add_argument("--strict", action="store_true", help="stop at the first failed run (tests) instead of a row")
     p.add_argument("--budget-s", type=float, default=330.0, help="parts that would start after this are skipped")
     p.add_argument("--matmul-tflops", type=float, default=None, help="bf16 rate; measured here if absent")
     p.add_argument("--out", required=True, help="folder for summary.md and all.json")
     return p
+
+
+def _guarded(args, what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()``, or (unless ``--strict``) a table that says it failed, so the parts after it still run."""
+    try:
+        return fn()
+    except Exception as err:
+        if args.strict:
+            raise
+        traceback.print_exc()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"table": f"### {what}: failed\n\n{type(err).__name__}: {str(err)[:300]}"}
 
 
 def _spec(text: str, n: int) -> list[Any]:
@@ -533,8 +554,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[{time.perf_counter() - start:.0f} s] {model_name} {batch}x{length} done", flush=True)
     if "profile" not in args.skip and in_budget("profile"):
         model_name, batch, length = _spec(profile_spec, 3)
-        part = profile_step(args, device, model_name, batch, length)
-        results["profile"] = part["summary"]
+        part = _guarded(args, "profile", lambda: profile_step(args, device, model_name, batch, length))
+        results["profile"] = part.get("summary")
         tables.append(part["table"])
         save()
     if "predict" not in args.skip and in_budget("predict"):
@@ -553,8 +574,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             options += ["--model-path", args.model_path]
         if not args.exact_svd:
             options += ["--fast-svd"]
-        part = predict_throughput.main(options)
-        results["predict"] = part["rows"]
+        part = _guarded(args, "predict", lambda: predict_throughput.main(options))
+        results["predict"] = part.get("rows")
         tables.append(part["table"])
         save()
     if "compile" not in args.skip and compile_spec and in_budget("compile"):

@@ -19,7 +19,18 @@ def test_equal_budget_rank_matches_peft_parameters_over_the_same_modules():
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
 def test_step_compare_runs_tiny_on_cpu_and_reports_every_method(tmp_path):
     results = step_compare.main(
-        ["--tiny", "--device", "cpu", "--precision", "float32", "--models", "tiny-bert", "--out", str(tmp_path)]
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--precision",
+            "float32",
+            "--models",
+            "tiny-bert",
+            "--strict",
+            "--out",
+            str(tmp_path),
+        ]
     )
     rows = results["step/tiny-bert/4x16"]
     methods = {(r["targets"], r["compare"], r["method"]) for r in rows}

@@ -178,17 +178,15 @@ class LoraXSLinear(nn.Module):
             if self.path == "fold_a" and samples is not None:
                 return "fold_b"
             return self.path
-        r2 = self.rank * self.rank
-        n = rows // samples if samples else rows
-        costs = {"three": n * r2 * (3 if needs_grad else 1)}
-        costs["fold_b"] = self.out_features * r2 * (2 if needs_grad else 1) + (
-            n * self.out_features * self.rank if needs_grad else 0
-        )
-        if samples is None:
-            costs["fold_a"] = self.in_features * r2 * (2 if needs_grad else 1) + (
-                n * self.in_features * self.rank if needs_grad else 0
-            )
-        return min(costs, key=costs.__getitem__)  # ties: the first, "three"
+        # plain comparisons, no min(..., key=...): torch.compile traces this per layer without a graph break
+        r2, n = self.rank * self.rank, rows // samples if samples else rows
+        grad = 1 if needs_grad else 0
+        three = n * r2 * (1 + 2 * grad)
+        fold_b = self.out_features * r2 * (1 + grad) + grad * n * self.out_features * self.rank
+        fold_a = self.in_features * r2 * (1 + grad) + grad * n * self.in_features * self.rank
+        if samples is None and fold_a < fold_b and fold_a < three:
+            return "fold_a"
+        return "fold_b" if fold_b < three else "three"  # ties: the three products
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value = self.value
