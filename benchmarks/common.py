@@ -7,6 +7,7 @@ not change speed), plus ``tiny-bert`` / ``tiny-llama`` for the CPU smoke test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +35,8 @@ class Shape:
 
 BERT_XS = ("query", "value", "attention.output.dense", "output.dense")
 LLAMA_XS = ("q_proj", "v_proj", "o_proj", "down_proj")
+#: all-MiniLM-L6-v2's architecture, for random weights where the pretrained ones are absent
+MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 SHAPES = {
     "tiny-bert": Shape(
         "tiny-bert",
@@ -112,8 +115,15 @@ def build_backbone(shape: Shape, device: torch.device, model_path: str | None = 
     torch.manual_seed(seed)
     if shape.config is None:
         from pyrolora.backbones import resolve_model
+        from pyrolora.errors import ConfigError
 
-        path = model_path or os.environ.get("PYROLORA_MINILM") or resolve_model("minilm")
+        try:
+            path = model_path or os.environ.get("PYROLORA_MINILM") or resolve_model("minilm")
+        except ConfigError:
+            path = None
+        if path is None or not os.path.isdir(path):
+            print(f"no MiniLM weights at {path!r}: a random-weight MiniLM shape instead (same speed)", flush=True)
+            return build_backbone(Shape("minilm-random", "bert", shape.lora_targets, shape.xs_targets, MINILM), device)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
         model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
         for m in model.modules():
@@ -257,3 +267,25 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
+
+
+@contextlib.contextmanager
+def fast_svd(enabled: bool = True):
+    """Within the block, LoRA-XS factors come from a randomised truncated SVD (``torch.svd_lowrank``).
+
+    For benchmarks on random-weight shapes only: the factors' values do not change the speed of a step, and the
+    exact SVD of every 2048 x 8192 weight of a 1B Llama would take longer than the steps measured on it.
+    """
+    if not enabled:
+        yield
+        return
+    from unittest import mock
+
+    def factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weight.detach().float()
+        u, s, v = torch.svd_lowrank(w, q=min(rank + 8, *w.shape), niter=1)  # (out, q), (q,), (in, q)
+        a = s[:rank, None] * v[:, :rank].T  # (r, in)
+        return a.to(weight.dtype).contiguous(), u[:, :rank].to(weight.dtype).contiguous()
+
+    with mock.patch("pyrolora.adapters.layer.svd_factors", factors):
+        yield

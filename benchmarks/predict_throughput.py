@@ -18,7 +18,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import SHAPES, build_backbone, environment, print_table, random_batch, time_calls, write_json
+from benchmarks.common import (
+    SHAPES,
+    build_backbone,
+    environment,
+    fast_svd,
+    print_table,
+    random_batch,
+    time_calls,
+    write_json,
+)
 
 COLUMNS = [
     "batch",
@@ -40,7 +49,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     shape = SHAPES[args.model]
     backbone = build_backbone(shape, device, args.model_path)
-    adapters = inject_adapters(backbone, LoraXSConfig(rank=args.xs_rank, target_modules=shape.xs_targets))
+    with fast_svd(args.fast_svd and shape.config is not None):
+        adapters = inject_adapters(backbone, LoraXSConfig(rank=args.xs_rank, target_modules=shape.xs_targets))
     model = BayesianLoraModel(backbone, adapters, dataset_size=10_000).to(
         device
     )  # the prior's and likelihood's buffers too
@@ -104,6 +114,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=15)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--xs-rank", type=int, default=16)
+    p.add_argument("--fast-svd", action="store_true", help="randomised SVD for random-weight shapes (faster set-up)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="JSON file to write")
     return p

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,7 +11,12 @@ from torch import nn
 from pyrolora.adapters.projection import svd_factors
 from pyrolora.errors import TargetError
 
-__all__ = ["LoraXSLinear", "base_weight", "is_supported_layer"]
+__all__ = ["CorePath", "LoraXSLinear", "base_weight", "is_supported_layer"]
+
+#: The order of the small products in ``(alpha / r) · B R A x`` (see :meth:`LoraXSLinear.core_path`):
+#: ``"three"`` computes ``((x Aᵀ) Rᵀ) Bᵀ``, ``"fold_b"`` folds R into B (``(x Aᵀ)(B R)ᵀ``), ``"fold_a"`` into A
+#: (``(x (R A)ᵀ) Bᵀ``); ``"auto"`` picks the cheapest for the batch at hand.
+CorePath = Literal["auto", "three", "fold_a", "fold_b"]
 
 
 def _conv1d_type() -> type | None:
@@ -21,6 +28,18 @@ def _conv1d_type() -> type | None:
 
 
 _CONV1D = _conv1d_type()
+
+
+def _add_product(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``out + h weightᵀ`` with out (..., o), h (..., k), weight (o, k): one ``addmm`` where out is contiguous.
+
+    The addition happens inside the matrix product (beta = 1), so no separate elementwise pass reads and writes
+    the (..., o) output; its backward passes the output gradient through to ``out`` as it is.
+    """
+    if out.is_contiguous() and out.dim() >= 1:
+        flat = out.view(-1, out.shape[-1])  # (rows, o)
+        return torch.addmm(flat, h.reshape(-1, h.shape[-1]), weight.t()).view(out.shape)
+    return out + F.linear(h, weight)
 
 
 def is_supported_layer(module: nn.Module) -> bool:
@@ -99,6 +118,8 @@ class LoraXSLinear(nn.Module):
         self._merged_delta: torch.Tensor | None = None  # (out, in) added to the base weight by merge()
         # (dtype, device) -> (A, scaling·B) in that compute dtype, and the buffers they were made from.
         self._compute_cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
+        #: the order of the small products (:data:`CorePath`); ``"auto"`` picks the cheapest per call
+        self.path: CorePath = "auto"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -136,29 +157,83 @@ class LoraXSLinear(nn.Module):
         self._compute_cache = {key: (a_c, b_c, a, b, (a._version, b._version))}
         return a_c, b_c
 
+    def core_path(self, rows: int, samples: int | None, needs_grad: bool) -> CorePath:
+        """Which order of the small products of the update :meth:`forward` takes (see :data:`CorePath`).
+
+        With ``n`` rows (``rows / S`` per sample for a batched value), the products that differ between the
+        orders cost, in multiply-adds (forward, and backward where ``R`` needs a gradient)::
+
+            "three":  n r² (g = h Rᵀ)                     + 2 n r² (∂R = ∂gᵀ h, ∂h = ∂g R)
+            "fold_b": out r² (B R)                         + n out r + out r² (∂(B R) reduces over the n rows)
+            "fold_a": in r² (R A)                          + n in r + in r²   (2-D values only)
+
+        Every order also runs ``x Aᵀ`` (or ``x (R A)ᵀ``) and one product with an (out, r) factor, which cost the
+        same in all three. Under a gradient, folding R into a factor makes autograd compute the gradient of the
+        whole folded (out, r) or (r, in) factor, a reduction over all n rows; the three small products avoid it.
+        Without a gradient (prediction), folding is cheaper once n exceeds the factor's long side. The batched
+        path never folds into A: that would turn the shared ``x Aᵀ`` into S separate products.
+        The attribute ``path`` (default ``"auto"``) forces one order, for tests and benchmarks.
+        """
+        if self.path != "auto":
+            if self.path == "fold_a" and samples is not None:
+                return "fold_b"
+            return self.path
+        # plain comparisons, no min(..., key=...): torch.compile traces this per layer without a graph break
+        r2, n = self.rank * self.rank, rows // samples if samples else rows
+        grad = 1 if needs_grad else 0
+        three = n * r2 * (1 + 2 * grad)
+        fold_b = self.out_features * r2 * (1 + grad) + grad * n * self.out_features * self.rank
+        fold_a = self.in_features * r2 * (1 + grad) + grad * n * self.in_features * self.rank
+        if samples is None and fold_a < fold_b and fold_a < three:
+            return "fold_a"
+        return "fold_b" if fold_b < three else "three"  # ties: the three products
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)  # (..., out)
         value = self.value
         if value is None or self._merged_delta is not None:
-            return out
+            return self.base(x)
         device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.A.dtype
+        autocasting = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocasting else self.A.dtype
+        if autocasting and x.dtype == torch.float32 and dtype != torch.float32:
+            # Autocast would cast x once for the base product and again for x Aᵀ; one cast serves both (the same
+            # rounding, so the base output is bit-identical) and autograd sums the two input gradients before
+            # casting them back once. (Autocast leaves float64 alone, so only float32 inputs are cast here.)
+            x = x.to(dtype)
+        out = self.base(x)  # (..., out)
         a, b = self.compute_factors(dtype)  # (r, in), (out, r) with the scaling folded in
         if self.dropout is not None:
             x = self.dropout(x)  # (..., in): its own mask per row, so per sample of a batched forward
-        h = F.linear(x, a)  # (..., r)
+        core = value.to(dtype)  # a no-op when the caller cast all cores at once (AdapterSet.cast_values)
+        rows = x.numel() // self.in_features
+        needs_grad = torch.is_grad_enabled() and value.requires_grad
         if value.dim() == 2:
-            # B (s R) A x = (B s R)(A x): the r x r core is folded into B, one small (out, r) product per step.
-            return out + F.linear(h, torch.mm(b, value.to(dtype)))  # (..., out)
+            path = self.core_path(rows, None, needs_grad)
+            if path == "fold_a":
+                h = F.linear(x, torch.mm(core, a))  # (..., r): x (R A)ᵀ
+                return _add_product(out, h, b)  # (..., out)
+            h = F.linear(x, a)  # (..., r)
+            if path == "fold_b":
+                return _add_product(out, h, torch.mm(b, core))  # (..., out): h (B R)ᵀ
+            return _add_product(out, F.linear(h, core), b)  # (..., out): (h Rᵀ) Bᵀ
         samples = value.shape[0]
-        if h.shape[0] % samples:
+        if x.dim() < 2 or x.shape[0] % samples:
             raise ValueError(
-                f"{self.site_name!r}: a batch of {h.shape[0]} rows cannot hold {samples} posterior samples; "
+                f"{self.site_name!r}: a batch of {x.shape[0] if x.dim() > 1 else 1} rows cannot hold {samples} "
+                "posterior samples; "
                 "the leading dimension must be samples x batch."
             )
-        b_s = torch.matmul(b, value.to(dtype))  # (S, out, r): each sample's core folded into B
-        update = torch.bmm(h.reshape(samples, -1, self.rank), b_s.transpose(1, 2))  # (S, rows/S, out)
-        return out + update.reshape(*h.shape[:-1], self.out_features)  # (..., out)
+        h = F.linear(x, a).reshape(samples, -1, self.rank)  # (S, n, r), sample-major rows
+        if self.core_path(rows, samples, needs_grad) == "three":
+            g = torch.bmm(h, core.transpose(1, 2))  # (S, n, r): row block s times R_sᵀ
+            return _add_product(out, g.reshape(*out.shape[:-1], self.rank), b)  # (..., out)
+        b_s = torch.matmul(b, core)  # (S, out, r): each sample's core folded into B
+        if out.is_contiguous():
+            # out + h_s (B R_s)ᵀ for every block s in one batched product that also does the addition
+            flat = out.view(samples, -1, self.out_features)  # (S, n, out)
+            return torch.baddbmm(flat, h, b_s.transpose(1, 2)).view(out.shape)
+        update = torch.bmm(h, b_s.transpose(1, 2))  # (S, n, out)
+        return out + update.reshape(out.shape)  # (..., out)
 
     @torch.no_grad()
     def merge(self, value: torch.Tensor | None = None) -> None:

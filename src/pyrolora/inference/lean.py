@@ -131,35 +131,36 @@ class LeanELBO:
             return lambda guide: param
         return lambda guide: operator.attrgetter(name)(getattr(guide, "points", guide))
 
-    def _draw(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | float]:
-        """θ ~ q split into the cores, and log q(θ) (0 for a point mass)."""
+    def _draw(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | float, torch.Tensor | None]:
+        """θ ~ q split into the cores, log q(θ) (0 for a point mass), and θ (D,) itself for a joint draw."""
         if self._joint:
             posterior = self.guide.get_posterior()
             if self.mean_only:  # the warm start's point: μ, with no entropy term
                 theta = posterior.mean  # (D,)
                 pieces = torch.split(theta, self.sizes)
-                return {n: p.view(s) for (n, s), p in zip(self.shapes.items(), pieces, strict=True)}, 0.0
+                return {n: p.view(s) for (n, s), p in zip(self.shapes.items(), pieces, strict=True)}, 0.0, theta
             theta = posterior.rsample()  # (D,)
             log_q = posterior.log_prob(theta)
             pieces = torch.split(theta, self.sizes)
             values = {name: p.view(shape) for (name, shape), p in zip(self.shapes.items(), pieces, strict=True)}
-            return values, log_q
+            return values, log_q, theta
         # a view, not the nn.Parameter itself: assigning a Parameter to a module attribute would register it
         values = {n: get(self.guide).view(s) for (n, s), get in zip(self.shapes.items(), self._getters, strict=True)}
-        return values, 0.0
+        return values, 0.0, None
 
-    def _log_prior(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _log_prior(self, values: dict[str, torch.Tensor], theta: torch.Tensor | None = None) -> torch.Tensor:
         prior = self.model.prior
         if isinstance(prior, IsotropicNormal):
-            theta = torch.cat([v.reshape(-1) for v in values.values()])  # (D,)
+            if theta is None:
+                theta = torch.cat([v.reshape(-1) for v in values.values()])  # (D,)
             return torch.distributions.Normal(prior.loc, prior.scale, validate_args=False).log_prob(theta).sum()
         return sum(prior(name, shape).log_prob(values[name]) for name, shape in self.shapes.items())
 
     def _particle(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         model = self.model
-        values, log_q = self._draw()
+        values, log_q, theta = self._draw()
         with self.autocast():
-            out = self.outputs(inputs, values)
+            out = self.outputs(inputs, model.adapters.compute_values(values, theta))  # all cores cast at once
         batch = out.shape[0]
         if batch > model.dataset_size:
             raise ConfigError(
@@ -173,7 +174,7 @@ class LeanELBO:
         model.likelihood.distribution(out)._validate_sample(targets)
         log_lik = (model.likelihood.log_prob(out, targets) * (model.dataset_size / batch)).sum()  # as the plate
         kl_weight = model.kl_weight  # β: -E[log p(y|θ)] + β (log q(θ) - log p(θ)), as the scaled Pyro sites
-        kl = log_q - self._log_prior(values)
+        kl = log_q - self._log_prior(values, theta)
         self._terms.append((log_lik.detach(), kl.detach() if isinstance(kl, torch.Tensor) else torch.tensor(kl)))
         return -(log_lik - kl_weight * kl)
 
