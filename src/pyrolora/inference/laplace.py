@@ -108,6 +108,9 @@ class Laplace(PointStart):
         """MAP training with :func:`pyrolora.fit` (``fit_kwargs`` as there), then :meth:`compute` on ``data``."""
         from pyrolora.inference.svi import fit
 
+        # The Hessian is that of the untempered negative log joint, so the MAP must be its mode: β = 1 unless the
+        # caller asks for another (fit's default β = 0.1 is the variational recipe's, not Laplace's).
+        fit_kwargs.setdefault("kl_weight", 1.0)
         with self.map_stage():
             result = fit(model, self, data, **fit_kwargs)
         start = time.perf_counter()

@@ -198,6 +198,8 @@ class NUTS(PointStart):
 
         if fit_kwargs.get("num_epochs") is not None or fit_kwargs.get("num_steps") is not None:
             with self.map_stage():
+                # the chains sample the untempered posterior: start them at its mode (β = 1 unless asked otherwise)
+                fit_kwargs.setdefault("kl_weight", 1.0)
                 result = fit(model, self, data, **fit_kwargs)
         else:
             result = FitResult(dataset_size=getattr(model, "dataset_size", 1))
