@@ -32,7 +32,7 @@ from torch.distributions import biject_to, constraints
 from pyrolora._version import __version__
 from pyrolora.adapters.peft_format import adapter_deltas, merged_copy, project_update, save_peft_adapter
 from pyrolora.errors import ConfigError
-from pyrolora.inference.guides import setup
+from pyrolora.inference.families import setup
 from pyrolora.inference.predict import draw_latents
 from pyrolora.models import BayesianLoraModel
 

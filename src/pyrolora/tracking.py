@@ -30,7 +30,7 @@ from pyro import poutine
 from torch import nn
 
 from pyrolora.errors import ConfigError
-from pyrolora.inference.guides import setup
+from pyrolora.inference.families import setup
 from pyrolora.inference.svi import make_schedule
 from pyrolora.models import BayesianLoraModel
 

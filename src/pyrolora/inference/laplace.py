@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from pyrolora.errors import ConfigError, DivergenceError
 from pyrolora.inference.latent import PointStart, collect_batches, full_data_loss
+from pyrolora.inference.svi import fit
 
 __all__ = ["Laplace"]
 
@@ -106,8 +107,6 @@ class Laplace(PointStart):
 
     def fit_posterior(self, model: nn.Module, data: Iterable[Any], **fit_kwargs: Any):
         """MAP training with :func:`pyrolora.fit` (``fit_kwargs`` as there), then :meth:`compute` on ``data``."""
-        from pyrolora.inference.svi import fit
-
         with self.map_stage():
             result = fit(model, self, data, **fit_kwargs)
         start = time.perf_counter()

@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributions import biject_to
 
 from pyrolora.errors import ConfigError
+from pyrolora.inference.families import PointMass
 from pyrolora.models import BayesianLoraModel
 from pyrolora.models.priors import IsotropicNormal
 
@@ -63,8 +64,6 @@ def supports(model: nn.Module, guide: nn.Module) -> bool:
         if type(guide).sample_latent is not autoguide.AutoContinuous.sample_latent:
             return False
     elif isinstance(guide, autoguide.AutoDelta):
-        from pyrolora.inference.guides import PointMass  # lazy: guides imports the modules that import this one
-
         if type(guide).forward not in (autoguide.AutoDelta.forward, PointMass.forward):
             return False
     else:

@@ -24,7 +24,9 @@ from pyro.infer.mcmc import NUTS as _NUTSKernel
 from torch import nn
 
 from pyrolora.errors import ConfigError
+from pyrolora.inference.families import setup
 from pyrolora.inference.latent import PointStart, collect_batches, full_data_loss, unpack_draws
+from pyrolora.inference.svi import FitResult, fit
 
 __all__ = ["NUTS"]
 
@@ -194,16 +196,12 @@ class NUTS(PointStart):
         Returns a :class:`~pyrolora.inference.FitResult` whose losses are the MAP stage's and whose
         ``seconds`` include sampling.
         """
-        from pyrolora.inference.svi import FitResult, fit
-
         if fit_kwargs.get("num_epochs") is not None or fit_kwargs.get("num_steps") is not None:
             with self.map_stage():
                 result = fit(model, self, data, **fit_kwargs)
         else:
             result = FitResult(dataset_size=getattr(model, "dataset_size", 1))
             if self.prototype_trace is None:
-                from pyrolora.inference.guides import setup
-
                 setup(self, model)
         begin = time.perf_counter()
         chain_data = data if sample_data is None else sample_data

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pyrolora.errors import RunFolderError
-from pyrolora.inference.guides import setup
+from pyrolora.inference.families import setup
 from pyrolora.models import BayesianLoraModel
 
 __all__ = ["load_state", "save_state"]

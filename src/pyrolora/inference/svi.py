@@ -21,7 +21,7 @@ from pyrolora.errors import ConfigError, DataError, DivergenceError
 from pyrolora.inference import distributed
 from pyrolora.inference.batches import split_batch, to_device
 from pyrolora.inference.checkpoint import BatchStream, Checkpointer
-from pyrolora.inference.guides import check_local
+from pyrolora.inference.families import check_local
 from pyrolora.inference.lean import LeanELBO, supports
 from pyrolora.inference.precision import Precision, autocast, compiled_outputs
 from pyrolora.models import BayesianLoraModel

@@ -39,6 +39,7 @@ from torch import nn
 
 from pyrolora.errors import ConfigError, SWAGWarning
 from pyrolora.inference.latent import PointStart
+from pyrolora.inference.svi import FitResult, _num_batches, fit
 
 __all__ = ["SWAG", "collection_frequency"]
 
@@ -221,8 +222,6 @@ class SWAG(PointStart):
         ``num_epochs`` / ``num_steps`` count both stages; the other arguments are :func:`pyrolora.fit`'s.
         Previously collected iterates are discarded.
         """
-        from pyrolora.inference.svi import FitResult, _num_batches, fit
-
         batches = _num_batches(data)
         if (num_epochs is None) == (num_steps is None):
             raise ConfigError("give exactly one of num_epochs and num_steps.")
