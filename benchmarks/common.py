@@ -111,7 +111,7 @@ def build_backbone(shape: Shape, device: torch.device, model_path: str | None = 
 
     torch.manual_seed(seed)
     if shape.config is None:
-        from pyrolora.backbones import resolve_model
+        from pyrolora.models.backbones import resolve_model
 
         path = model_path or os.environ.get("PYROLORA_MINILM") or resolve_model("minilm")
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)

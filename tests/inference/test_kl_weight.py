@@ -9,7 +9,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyrolora import fit, guides, priors
-from pyrolora.config import PriorSpec, RunConfig
+from pyrolora.runs.config import PriorSpec, RunConfig
 from pyrolora.errors import ConfigError
 from pyrolora.inference.lean import LeanELBO
 from pyrolora.inference.state import load_state, save_state

@@ -53,9 +53,9 @@ def config_dict(model: str, name: str) -> dict:
 
 
 def main() -> None:
-    from pyrolora.config import RunConfig
-    from pyrolora.runner import run_method
-    from pyrolora.trained import load_trained, split_metrics
+    from pyrolora.runs.config import RunConfig
+    from pyrolora.runs.runner import run_method
+    from pyrolora.runs.trained import load_trained, split_metrics
     from tests.conftest import save_tiny_model
 
     write_task(HERE / "data")

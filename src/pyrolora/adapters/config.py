@@ -39,7 +39,7 @@ class LoraXSConfig:
             default covers BERT/RoBERTa (``layer``), Llama (``layers``) and GPT-2 (``h``).
         dropout: adapter dropout p in [0, 1): the update branch reads ``dropout(x)``, i.e.
             ``(alpha / rank) * B R A dropout(x)`` (see :class:`~pyrolora.adapters.layer.LoraXSLinear`). Active in
-            training and under :func:`pyrolora.baselines.mc_dropout`; it gives MC dropout to backbones without
+            training and under ``mc_dropout`` (pyrolora.runs.methods.dropout); it gives MC dropout to backbones without
             dropout (Llama). Default 0: no dropout module.
 
     Raises:

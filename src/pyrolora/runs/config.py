@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pyrolora.adapters import LoraXSConfig
-from pyrolora.backbones import DEFAULT_MODEL
 from pyrolora.errors import ConfigError
+from pyrolora.models.backbones import DEFAULT_MODEL
+from pyrolora.runs.device import check_device_name
 
 __all__ = [
     "GuideSpec",
@@ -203,6 +204,11 @@ class TrainSpec:
     seed: int = 0
     kl_weight: float = 1.0
     kl_warmup: float = 0.0
+    #: ``"auto"`` (CUDA when present, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``; ``--device`` overrides it
+    device: str = "auto"
+    #: ``"bf16"`` runs the backbone under bfloat16 autocast in training and prediction; guide, prior and
+    #: likelihood stay in float32 (see :mod:`pyrolora.inference.precision`)
+    precision: Literal["float32", "bf16"] = "float32"
 
     def kl_schedule(self) -> Any:
         """``kl_weight`` for :func:`pyrolora.fit`: the number, or a linear rise to it over ``kl_warmup``."""
@@ -218,6 +224,9 @@ class TrainSpec:
         _check_number(self.warmup, "train.warmup", minimum=0.0)
         _check_number(self.kl_weight, "train.kl_weight", positive=True)
         _check_number(self.kl_warmup, "train.kl_warmup", minimum=0.0)
+        check_device_name(self.device, "train.device")
+        if self.precision not in ("float32", "bf16"):
+            raise ConfigError(f"train.precision must be 'float32' or 'bf16', got {self.precision!r}.")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"train.seed must be an integer in [0, 2**63), got {self.seed!r}.")
 
@@ -237,7 +246,7 @@ class PredictSpec:
 
 @dataclass(frozen=True)
 class LogSpec:
-    """Training logs in the run folder (see :mod:`pyrolora.tracking`); both sinks are off by default.
+    """Training logs in the run folder (see :mod:`pyrolora.runs.tracking`); both sinks are off by default.
 
     ``csv`` writes ``train_log.csv``; ``tensorboard`` writes events under ``tensorboard/`` (view them with
     ``tensorboard --logdir RUN_DIR``). ``every``: log every n-th step. ``validation_every``: steps between
@@ -419,9 +428,7 @@ class RunConfig:
         return RunConfig.from_dict(data)
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read a run configuration from a ``.toml`` or ``.json`` file."""
-    path = Path(path)
+def _read(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -430,4 +437,61 @@ def load_config(path: str | Path) -> RunConfig:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from err
-    return RunConfig.from_dict(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run configuration must be a table of sections, got {type(data).__name__}.")
+    return data
+
+
+def overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid over ``base``, section by section: a key of ``over`` replaces the same key of ``base``.
+
+    A ``[guide]`` table that names another guide without ``options`` starts from no options (the base's options
+    belong to the base's guide). Keys outside sections (``pyrolora_version``) are taken from ``over``.
+    """
+    merged = {name: dict(section) if isinstance(section, dict) else section for name, section in base.items()}
+    for name, section in over.items():
+        if isinstance(section, dict) and isinstance(merged.get(name), dict):
+            if name == "guide" and "name" in section and "options" not in section:
+                merged[name] = {k: v for k, v in merged[name].items() if k != "options"}
+            merged[name] = {**merged[name], **section}
+        else:
+            merged[name] = section
+    return merged
+
+
+def _expand(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """The sections of ``path`` laid over those of its ``base`` file(s), recursively."""
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise ConfigError(f"config files name each other as base in a circle ({chain}); remove one `base` key.")
+    data = _read(path)
+    bases = data.pop("base", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"`base` in {path} must be a file name or a list of them, got {bases!r}.")
+    merged: dict[str, Any] = {}
+    for name in bases:
+        base = path.parent / name
+        if not base.is_file():
+            raise ConfigError(f"{path} names base {name!r}, but {base} does not exist; give a path relative to {path}.")
+        merged = overlay(merged, _expand(base, (*seen, resolved)))
+    return overlay(merged, data)
+
+
+def load_config(*paths: str | Path) -> RunConfig:
+    """Read a run configuration from one or more ``.toml`` / ``.json`` files, each laid over the ones before.
+
+    A file may name the files it builds on with a top-level key ``base = "sst2.toml"`` (or a list, paths relative
+    to the file); they are read first, recursively. So ``configs/sst2.toml`` can hold a task's settings and
+    ``configs/sst2-blora-xs.toml`` only ``base = ["sst2.toml", "methods/blora-xs.toml"]``; equally
+    ``load_config("configs/sst2.toml", "configs/methods/blora-xs.toml")`` (``pyrolora train --config A --config B``).
+    Later files win key by key (see :func:`overlay`); the merged result is validated as one configuration.
+    """
+    if not paths:
+        raise ConfigError("give at least one configuration file.")
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = overlay(merged, _expand(Path(path), ()))
+    return RunConfig.from_dict(merged)

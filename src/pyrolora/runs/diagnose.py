@@ -74,11 +74,12 @@ def diagnose(
     pareto_samples: int = 0,
     seed: int = 0,
     progress: bool = True,
+    device: str | None = None,
 ) -> DiagnoseResult:
     """Load a run folder, compute every diagnostic and write the report, the pictures and the netCDF file.
 
     Args:
-        run_dir: a folder written by ``pyrolora train`` (:func:`pyrolora.experiment.save_run`).
+        run_dir: a folder written by ``pyrolora train`` (:func:`pyrolora.runs.build.save_run`).
         out: output folder; default ``run_dir/diagnostics``.
         split: the split of the run's task for calibration, log-likelihoods and predictive checks.
         max_examples: use the first ``max_examples`` examples of ``split`` (``None``: all). The
@@ -89,6 +90,7 @@ def diagnose(
             **whole training split** (see :mod:`pyrolora.diagnostics.summaries`).
         seed: seed of every draw.
         progress: progress bars.
+        device: where the run is loaded and predicts (``"auto"``: CUDA when present); default the CPU.
     """
     import arviz as az
 
@@ -97,12 +99,12 @@ def diagnose(
     from pyrolora.diagnostics.spectrum import covariance_spectrum
     from pyrolora.diagnostics.summaries import pareto_k, site_summary
     from pyrolora.evaluation.plots import reliability_diagram
-    from pyrolora.experiment import evaluate, load_run
+    from pyrolora.runs.build import evaluate, load_run
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "diagnostics"
     started = time.perf_counter()
-    run = load_run(run_dir)
+    run = load_run(run_dir, device=device)
     if split not in run.splits:
         raise ConfigError(f"unknown split {split!r}; the run's task has {sorted(run.splits)}.")
     data = run.splits[split]
