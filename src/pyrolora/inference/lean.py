@@ -144,7 +144,7 @@ class LeanELBO:
             return torch.distributions.Normal(prior.loc, prior.scale, validate_args=False).log_prob(theta).sum()
         return sum(prior(name, shape).log_prob(values[name]) for name, shape in self.shapes.items())
 
-    def _particle(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    def _particle(self, inputs: Any, targets: torch.Tensor, kl_weight: float) -> torch.Tensor:
         model = self.model
         values, log_q = self._draw()
         with self.autocast():
@@ -161,15 +161,18 @@ class LeanELBO:
         # path does it through its validation): a label outside the classes must fail, not index garbage.
         model.likelihood.distribution(out)._validate_sample(targets)
         log_lik = (model.likelihood.log_prob(out, targets) * (model.dataset_size / batch)).sum()  # as the plate
-        kl_weight = model.kl_weight  # β: -E[log p(y|θ)] + β (log q(θ) - log p(θ)), as the scaled Pyro sites
+        # β: -E[log p(y|θ)] + β (log q(θ) - log p(θ)), as fit's scaled Pyro sites
         return -(log_lik + kl_weight * (self._log_prior(values) - log_q))
 
-    def differentiable_loss(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
-        """The negative ELBO estimate, averaged over ``num_particles`` draws, as a differentiable scalar."""
+    def differentiable_loss(self, inputs: Any, targets: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+        """The negative ELBO estimate, averaged over ``num_particles`` draws, as a differentiable scalar.
+
+        ``kl_weight`` is β of ``-E_q[log p(y|θ)] + β E_q[log q(θ) - log p(θ)]`` (1: the ELBO).
+        """
         if targets is None:
             raise ConfigError("fit needs targets: every training batch must be an (inputs, targets) pair.")
         with pyro.settings.context(module_local_params=True):
-            total = self._particle(inputs, targets)
+            total = self._particle(inputs, targets, kl_weight)
             for _ in range(self.num_particles - 1):
-                total = total + self._particle(inputs, targets)
+                total = total + self._particle(inputs, targets, kl_weight)
         return total / self.num_particles

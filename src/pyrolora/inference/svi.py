@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO
+from pyro.poutine.messenger import Messenger
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,7 +26,7 @@ from pyrolora.inference.lean import LeanELBO, supports
 from pyrolora.inference.precision import Precision, autocast, compiled_outputs
 from pyrolora.models import BayesianLoraModel
 
-__all__ = ["FitResult", "fit", "kl_annealing", "make_schedule"]
+__all__ = ["FitResult", "LossStep", "fit", "kl_annealing", "make_schedule", "resolve_steps"]
 
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "sgd"]
@@ -89,6 +89,30 @@ def _num_batches(data: Iterable[Any]) -> int | None:
         return None
 
 
+def resolve_steps(data: Iterable[Any], num_epochs: float | None, num_steps: int | None) -> int:
+    """The number of optimizer steps: ``num_steps``, or ``ceil(num_epochs · len(data))`` (at least 1).
+
+    One rule for every procedure that trains by steps (SVI, the MAP and collection stages of SWAG, ...).
+
+    Raises:
+        ConfigError: neither or both given, a non-positive value, or epochs of data without a length.
+    """
+    if (num_epochs is None) == (num_steps is None):
+        raise ConfigError("give exactly one of num_epochs and num_steps.")
+    if num_steps is None:
+        batches = _num_batches(data)
+        if batches is None:
+            raise ConfigError("num_epochs needs data with a length; pass num_steps for an unsized iterable.")
+        if isinstance(num_epochs, bool) or not isinstance(num_epochs, int | float) or not num_epochs > 0:
+            raise ConfigError(f"num_epochs must be positive, got {num_epochs!r}.")
+        if not math.isfinite(num_epochs):
+            raise ConfigError(f"num_epochs must be finite, got {num_epochs!r}.")
+        num_steps = max(1, math.ceil(num_epochs * batches))
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
+    return num_steps
+
+
 def kl_annealing(warmup: float, final: float = 1.0) -> Callable[[int, int], float]:
     """A KL-annealing schedule for :func:`fit`'s ``kl_weight``: β rises linearly from 0 to ``final``.
 
@@ -136,6 +160,138 @@ def _make_optimizer(kind: Optimizer, groups: list[dict[str, Any]], momentum: flo
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
     return torch.optim.AdamW(groups)
+
+
+class _ScaleLatents(Messenger):
+    """Multiply the log density of every latent (not observed) sample site by β; the likelihood is untouched."""
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def _process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = msg["scale"] * self.beta
+
+
+class LossStep:
+    """One evaluation of the training objective: ``loss_step(inputs, targets, beta) -> -ELBO_β`` (differentiable).
+
+    ``-ELBO_β = -E_q[log p(y | θ)] + β · E_q[log q(θ) - log p(θ)]``, estimated with ``num_particles`` draws of
+    θ (β = 1: the negative ELBO). The path is picked once: :class:`~pyrolora.inference.lean.LeanELBO` when
+    ``lean`` and it equals ``Trace_ELBO`` for this model and guide (the built-in guides and models), else the
+    Pyro ``loss`` (default ``Trace_ELBO``) with β applied to the latent sites of the model and to the guide.
+    Pyro's validation errors become :class:`~pyrolora.errors.DataError` (targets outside the likelihood's
+    support) or :class:`~pyrolora.errors.DivergenceError` (non-finite outputs), as does a non-finite loss.
+    """
+
+    def __init__(
+        self,
+        model: BayesianLoraModel,
+        guide: nn.Module,
+        *,
+        loss: ELBO | None = None,
+        num_particles: int = 1,
+        lean: bool = True,
+        precision: Precision = "float32",
+        compile: bool | dict[str, Any] = False,
+    ) -> None:
+        self.model, self.guide = model, guide
+        self.elbo = loss if loss is not None else Trace_ELBO(num_particles=num_particles)
+        self.autocast = autocast(precision, model.device)
+        compiled = compiled_outputs(model, compile)
+        self.lean = None
+        if lean and supports(model, guide):
+            self.lean = LeanELBO(model, guide, num_particles=num_particles, autocast=self.autocast, outputs=compiled)
+        elif compiled is not None:
+            raise ConfigError(
+                "compile needs the lean step: the default loss, lean=True and a built-in guide and model "
+                f"(got guide {type(guide).__name__}, loss {type(loss).__name__ if loss else None})."
+            )
+
+    def _model(self, *args: Any, **kwargs: Any) -> Any:
+        with self.autocast():
+            return self.model(*args, **kwargs)
+
+    def __call__(
+        self,
+        inputs: Any,
+        targets: torch.Tensor | None,
+        beta: float = 1.0,
+        *,
+        step: int = 0,
+        num_steps: int = 1,
+        lr: float = math.nan,
+    ) -> torch.Tensor:
+        """The loss of one batch; ``step`` (0-based) of ``num_steps`` and ``lr`` go into error messages."""
+        try:
+            if self.lean is not None and targets is not None:
+                value = self.lean.differentiable_loss(inputs, targets, kl_weight=beta)
+            elif beta == 1.0:
+                value = self.elbo.differentiable_loss(self._model, self.guide, inputs, targets)
+            else:  # β scales log p(θ) in the model and log q(θ) in the guide
+                with _ScaleLatents(beta):
+                    value = self.elbo.differentiable_loss(self._model, self.guide, inputs, targets)
+        except ValueError as err:
+            if "found invalid values" not in str(err):
+                raise
+            said = str(err).splitlines()[0][:300]
+            if "within the support" in str(err):  # observed values the likelihood cannot produce: bad data
+                raise DataError(
+                    f"the targets of the batch at step {step + 1} lie outside the likelihood's support (e.g. a class "
+                    "index >= the number of classes, or < 0); check the labels and the label map. Pyro said: "
+                    f"{said}"
+                ) from err
+            # Pyro's validation rejects a distribution built from NaN or infinite outputs: a divergence.
+            raise DivergenceError(
+                f"the model produced non-finite outputs at step {step + 1} of {num_steps}; lower lr (now {lr:.3g}), "
+                f"enable clip_norm, or check the inputs of this batch. Pyro said: {said}"
+            ) from err
+        if not torch.isfinite(value):
+            raise DivergenceError(
+                f"the loss is {value.item()} at step {step + 1} of {num_steps}; lower lr (now {lr:.3g}), enable "
+                "clip_norm, or check the data for bad targets."
+            )
+        return value
+
+
+def _check_rates(lr: Any, head_lr: Any, warmup: Any) -> None:
+    for value, what in ((lr, "lr"), (head_lr, "head_lr")):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{what} must be a positive number, got {value!r}.")
+    if warmup < 0:
+        raise ConfigError(f"warmup must be >= 0, got {warmup!r}.")
+
+
+def _param_groups(
+    model: BayesianLoraModel, guide: nn.Module, lr: float, head_lr: float, head_weight_decay: float
+) -> list[dict[str, Any]]:
+    """The guide's (and a fitted prior's) parameters at ``lr`` without decay; the head's at ``head_lr``."""
+    # an empirical-Bayes prior's parameters climb the same ELBO at the guide's learning rate
+    latent = [p for p in guide.parameters() if p.requires_grad] + model.prior_parameters()
+    groups = [{"params": latent, "lr": lr, "weight_decay": 0.0}]
+    head_params = model.head_parameters()
+    if head_params:
+        groups.append({"params": head_params, "lr": head_lr, "weight_decay": head_weight_decay})
+    return groups
+
+
+def _apply_gradients(
+    value: torch.Tensor,
+    params: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    clip_norm: float | None,
+    where: str,
+) -> None:
+    """Backpropagate, clip the global gradient norm and step; a non-finite gradient is a DivergenceError."""
+    value.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm is not None else math.inf)
+    if not torch.isfinite(norm):
+        raise DivergenceError(
+            f"a gradient is not finite at {where}; lower lr, enable clip_norm, or use a smaller init_scale for the "
+            "guide."
+        )
+    optimizer.step()
 
 
 def fit(
@@ -228,36 +384,21 @@ def fit(
         DivergenceError: when the loss or a gradient is not finite; the message names the step (and the
             last good checkpoint, which is left intact).
     """
-    if (num_epochs is None) == (num_steps is None):
-        raise ConfigError("give exactly one of num_epochs and num_steps.")
-    if num_steps is None:
-        batches = _num_batches(data)
-        if batches is None:
-            raise ConfigError("num_epochs needs data with a length; pass num_steps for an unsized iterable.")
-        if num_epochs is None or num_epochs <= 0:
-            raise ConfigError(f"num_epochs must be positive, got {num_epochs!r}.")
-        num_steps = max(1, math.ceil(num_epochs * batches))
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
-    for value, what in ((lr, "lr"), (head_lr, "head_lr")):
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise ConfigError(f"{what} must be a positive number, got {value!r}.")
-    if warmup < 0:
-        raise ConfigError(f"warmup must be >= 0, got {warmup!r}.")
-    warmup_steps = round(warmup * num_steps) if warmup < 1 else int(warmup)
+    num_steps = resolve_steps(data, num_epochs, num_steps)
+    _check_rates(lr, head_lr, warmup)
     _check_optimizer(optimizer, momentum)
+    beta = _kl_schedule(kl_weight)
+    warmup_steps = round(warmup * num_steps) if warmup < 1 else int(warmup)
     elbo = loss if loss is not None else Trace_ELBO(num_particles=num_particles)
-    device = model.device
+    lean = lean and loss is None  # a loss of the caller's own is used as given
     if distributed.is_distributed():  # under torchrun: shard every global batch, average gradients with DDP
+        if kl_weight != 1.0:
+            raise ConfigError("kl_weight other than 1 is not supported under torchrun; train with kl_weight=1.")
         data, elbo = distributed.data_parallel(model, guide, data, elbo)
         progress = progress and distributed.is_main_process()
-        # The DDP wrapper averages gradients around the Pyro ELBO; the lean step bypasses it, so it is not used.
-        lean = False
-
-    beta = _kl_schedule(kl_weight)
-    if distributed.is_distributed() and kl_weight != 1.0:
-        raise ConfigError("kl_weight other than 1 is not supported under torchrun; train with kl_weight=1.")
+        lean = False  # the DDP wrapper averages gradients around the Pyro ELBO; the lean step would bypass it
     check_local(guide)
+    device = model.device
     result = FitResult(dataset_size=model.dataset_size)
     # In a distributed job every process holds the same state: only the main process writes checkpoints.
     checkpoints = Checkpointer(checkpoint_dir if distributed.is_main_process() else None, checkpoint_every)
@@ -268,37 +409,18 @@ def fit(
             scope.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
             torch.manual_seed(seed)
         scope.callback(model.eval)
-        scope.callback(setattr, model, "kl_weight", 1.0)  # prediction and diagnostics use the plain model
         model.train()
         stream = BatchStream(data, num_steps)
-        batch = next(stream)
-        inputs, targets = split_batch(to_device(batch, device))
+        inputs, targets = split_batch(to_device(next(stream), device))
         if getattr(guide, "prototype_trace", True) is None:
             guide(inputs, targets)  # autoguides create their parameters on first call
-        guide_params = [p for p in guide.parameters() if p.requires_grad]
-        head_params = model.head_parameters()
-        # an empirical-Bayes prior's parameters climb the same ELBO at the guide's learning rate
-        groups = [{"params": guide_params + model.prior_parameters(), "lr": lr, "weight_decay": 0.0}]
-        if head_params:
-            groups.append({"params": head_params, "lr": head_lr, "weight_decay": head_weight_decay})
+        groups = _param_groups(model, guide, lr, head_lr, head_weight_decay)
+        params = [p for group in groups for p in group["params"]]
         optimizer = _make_optimizer(optimizer, groups, momentum)  # the name now holds the torch optimizer
         scheduler = make_schedule(optimizer, schedule, warmup_steps, num_steps)
-        params = guide_params + model.prior_parameters() + head_params
-        context = autocast(precision, device)
-        compiled = compiled_outputs(model, compile)
-        lean_elbo = None
-        if lean and loss is None and supports(model, guide):
-            lean_elbo = LeanELBO(model, guide, num_particles=num_particles, autocast=context, outputs=compiled)
-        elif compiled is not None:
-            raise ConfigError(
-                "compile needs the lean step: the default loss, lean=True and a built-in guide and model "
-                f"(got guide {type(guide).__name__}, loss {type(loss).__name__ if loss else None})."
-            )
-
-        def pyro_model(*args: Any, **kwargs: Any) -> Any:
-            with context():
-                return model(*args, **kwargs)
-
+        step_loss = LossStep(
+            model, guide, loss=elbo, num_particles=num_particles, lean=lean, precision=precision, compile=compile
+        )
         bar = scope.enter_context(
             tqdm(total=num_steps, desc="fit", disable=not progress, unit="step", dynamic_ncols=True)
         )
@@ -312,54 +434,19 @@ def fit(
         for step in range(first_step, num_steps):
             if step:
                 inputs, targets = split_batch(to_device(next(stream), device))
+            where, rate = f"step {step + 1} of {num_steps}", scheduler.get_last_lr()[0]
             optimizer.zero_grad(set_to_none=True)
-            model.kl_weight = beta(step, num_steps)
-            try:
-                if lean_elbo is not None and targets is not None:
-                    value = lean_elbo.differentiable_loss(inputs, targets)
-                else:
-                    # β scales log q(θ) as the model scales log p(θ) (distributed runs keep β = 1)
-                    weighted = guide if model.kl_weight == 1.0 else poutine.scale(guide, scale=model.kl_weight)
-                    value = elbo.differentiable_loss(pyro_model, weighted, inputs, targets)
-            except ValueError as err:
-                if "found invalid values" not in str(err):
-                    raise
-                if "within the support" in str(err):  # observed values the likelihood cannot produce: bad data
-                    raise DataError(
-                        f"the targets of the batch at step {step + 1} lie outside the likelihood's support (e.g. a "
-                        "class index >= the number of classes, or < 0); check the labels and the label map. "
-                        f"Pyro said: {str(err).splitlines()[0][:300]}"
-                    ) from err
-                # Pyro's validation rejects a distribution built from NaN or infinite outputs: a divergence.
-                raise DivergenceError(
-                    f"the model produced non-finite outputs at step {step + 1} of {num_steps}; lower lr (now "
-                    f"{scheduler.get_last_lr()[0]:.3g}), enable clip_norm, or check the inputs of this batch. "
-                    f"Pyro said: {str(err).splitlines()[0][:300]}"
-                ) from err
-            if not torch.isfinite(value):
-                raise DivergenceError(
-                    f"the loss is {value.item()} at step {step + 1} of {num_steps}; lower lr (now "
-                    f"{scheduler.get_last_lr()[0]:.3g}), enable clip_norm, or check the data for bad targets."
-                )
-            value.backward()
-            max_norm = clip_norm if clip_norm is not None else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if not torch.isfinite(norm):
-                raise DivergenceError(
-                    f"a gradient is not finite at step {step + 1} of {num_steps}; lower lr, enable "
-                    "clip_norm, or use a smaller init_scale for the guide."
-                )
-            optimizer.step()
-            result.learning_rates.append(scheduler.get_last_lr()[0])
+            value = step_loss(inputs, targets, beta(step, num_steps), step=step, num_steps=num_steps, lr=rate)
+            _apply_gradients(value, params, optimizer, clip_norm, where)
             scheduler.step()
-            loss_value = value.item()
-            result.losses.append(loss_value)
+            result.learning_rates.append(rate)
+            result.losses.append(value.item())
             result.num_steps = step + 1
             checkpoints.maybe_save(step + 1, num_steps, **parts)
             bar.update(1)
             if step % 10 == 0 or step == num_steps - 1:
-                bar.set_postfix(loss=f"{loss_value / model.dataset_size:.4f}")
+                bar.set_postfix(loss=f"{result.losses[-1] / model.dataset_size:.4f}")
             if callback is not None:
-                callback(step, loss_value)
+                callback(step, result.losses[-1])
         result.seconds = time.perf_counter() - start
     return result

@@ -39,7 +39,7 @@ from torch import nn
 
 from pyrolora.errors import ConfigError, SWAGWarning
 from pyrolora.inference.latent import PointStart
-from pyrolora.inference.svi import FitResult, _num_batches, fit
+from pyrolora.inference.svi import FitResult, _num_batches, fit, resolve_steps
 
 __all__ = ["SWAG", "collection_frequency"]
 
@@ -223,12 +223,7 @@ class SWAG(PointStart):
         Previously collected iterates are discarded.
         """
         batches = _num_batches(data)
-        if (num_epochs is None) == (num_steps is None):
-            raise ConfigError("give exactly one of num_epochs and num_steps.")
-        if num_steps is None:
-            if batches is None or num_epochs is None or num_epochs <= 0:
-                raise ConfigError("num_epochs must be positive and needs data with a length; else pass num_steps.")
-            num_steps = max(1, math.ceil(num_epochs * batches))
+        num_steps = resolve_steps(data, num_epochs, num_steps)  # both stages together, as fit counts them
         pre = round(self.start * num_steps) if self.start < 1 else int(self.start)
         if pre >= num_steps:
             raise ConfigError(f"swag start={self.start!r} leaves no step for collection out of {num_steps}; lower it.")
