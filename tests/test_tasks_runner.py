@@ -30,7 +30,7 @@ def test_every_shipped_config_is_valid():
     methods = {load_config(f).method.name for f in files}
     assert methods == {"bayesian", "mc_dropout", "ensemble", "peft_lora"}
     assert {load_config(f).guide.name for f in files if f.stem.endswith("-swag")} == {"swag"}
-    qa_mc = [load_config(f) for f in files if f.stem.endswith("-mc-dropout") and "smollm2" in f.read_text()]
+    qa_mc = [load_config(f) for f in files if f.stem.endswith("-mc-dropout") and "smollm2" in load_config(f).model.name]
     assert len(qa_mc) == 3 and all(c.adapters.dropout == 0.1 and c.method.name == "mc_dropout" for c in qa_mc)
 
 

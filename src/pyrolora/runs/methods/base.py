@@ -14,12 +14,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from pyrolora.errors import ConfigError
+from pyrolora.evaluation import metrics
 from pyrolora.runs.config import RunConfig
 
-__all__ = ["METHODS", "Fitted", "Method", "count_numel", "get", "register"]
+__all__ = ["METHODS", "Fitted", "Method", "count_numel", "get", "register", "split_metrics"]
 
 
 @runtime_checkable
@@ -101,3 +103,9 @@ def get(name: str) -> Method:
 def count_numel(tensors: Iterable[torch.Tensor]) -> int:
     """Total number of entries."""
     return sum(t.numel() for t in tensors)
+
+
+def split_metrics(probs: torch.Tensor, split: Any, n_bins: int = 15) -> dict[str, float]:
+    """:func:`pyrolora.evaluation.metrics.summary` of averaged probabilities (N, C) on a split, with the Spearman
+    correlation with rater disagreement when the split carries human label distributions."""
+    return metrics.summary(probs, np.asarray(split.labels), n_bins=n_bins, human_probs=split.human_probs)

@@ -21,7 +21,7 @@ from pyrolora.inference.state import load_state
 from pyrolora.runs.build import Run, load_run
 from pyrolora.runs.config import RunConfig
 from pyrolora.runs.folder import CONFIG_FILE, MANIFEST_FILE, STATE_FILE, check_model, member_folder, verify_files
-from pyrolora.runs.methods.base import register
+from pyrolora.runs.methods.base import register, split_metrics
 from pyrolora.runs.methods.bayesian import METHOD as BAYESIAN
 from pyrolora.runs.methods.bayesian import FittedRun
 
@@ -39,9 +39,13 @@ class FittedEnsemble:
     trainable_params: int = 0
     stored_params: int = 0
     _scratch: Any = field(default=None, repr=False)  # a TemporaryDirectory holding the members of an unsaved run
+    #: split name -> (M, N, C), predicted by each member right after its training (no reloading needed)
+    _predicted: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def probs(self, data: Any, *, progress: bool = False) -> torch.Tensor:
         """(M, N, C): every member's own model average (its BMA mean over its S draws)."""
+        if isinstance(data, str) and data in self._predicted:
+            return self._predicted[data]
         means = []
         for member in self.members:
             load_state(member / STATE_FILE, self.run.model, self.run.guide)
@@ -87,16 +91,23 @@ class Ensemble:
         root = Path(out if out is not None else scratch.name)  # type: ignore[union-attr]
         members, seconds, trainable, stored = [], 0.0, 0, 0
         fitted = None
+        names = [n for n in splits if n not in ("train", "validation")]
+        predicted: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         for index in range(config.method.ensemble_size):
             folder = member_folder(root, index)
             fitted = BAYESIAN.train(self.member_config(config, index), splits, device=device, progress=progress)
-            fitted.save(folder)  # each member's test metrics are the ensemble's concern, not the member's
+            means = {n: fitted.probs(n).mean(0) for n in names}  # (N, C): the member's own model average
+            for n in names:
+                predicted[n].append(means[n])
+            n_bins = config.predict.n_bins
+            fitted.save(folder, {n: split_metrics(means[n], splits[n], n_bins) for n in names})  # a whole run folder
             members.append(folder)
             seconds += fitted.train_seconds
             trainable += fitted.trainable_params
             stored += fitted.stored_params
         assert fitted is not None
-        return FittedEnsemble(config, fitted.run, tuple(members), seconds, trainable, stored, scratch)
+        stacked = {n: torch.stack(p) for n, p in predicted.items()}  # (M, N, C)
+        return FittedEnsemble(config, fitted.run, tuple(members), seconds, trainable, stored, scratch, stacked)
 
     def load(
         self, directory: Path, config: RunConfig, *, model_name: str | None = None, device: torch.device | None = None
