@@ -33,7 +33,7 @@ from torch import nn
 from pyrolora.errors import ConfigError
 from pyrolora.models import BayesianLoraModel
 
-__all__ = ["Blockwise", "Flow", "PointMass", "check_local", "positive", "setup"]
+__all__ = ["Blockwise", "Flow", "PointMass", "check_local", "setup"]
 
 
 def check_local(guide: nn.Module) -> None:
@@ -61,13 +61,6 @@ def setup(guide: nn.Module, model: BayesianLoraModel) -> nn.Module:
         if getattr(guide, "prototype_trace", True) is None:
             guide(None)
     return guide
-
-
-def positive(value: float, what: str) -> float:
-    """``value`` as a float, or a ConfigError that names ``what``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{what} must be a positive number, got {value!r}.")
-    return float(value)
 
 
 class PointMass(autoguide.AutoDelta):

@@ -28,11 +28,12 @@ from pyro.infer.autoguide.initialization import init_to_feasible
 from torch import nn
 
 from pyrolora.errors import ConfigError
-from pyrolora.inference.families import Blockwise, Flow, PointMass, check_local, positive, setup
+from pyrolora.inference.families import Blockwise, Flow, PointMass, check_local, setup
 from pyrolora.inference.laplace import Laplace
 from pyrolora.inference.mcmc import NUTS
 from pyrolora.inference.swag import SWAG
 from pyrolora.models import BayesianLoraModel
+from pyrolora.validation import positive
 
 __all__ = [
     "NUTS",

@@ -27,14 +27,13 @@ from pyrolora.errors import ConfigError
 from pyrolora.inference.families import setup
 from pyrolora.inference.latent import PointStart, collect_batches, full_data_loss, unpack_draws
 from pyrolora.inference.svi import FitResult, fit
+from pyrolora.validation import positive_int
 
 __all__ = ["NUTS"]
 
 
 def _positive_int(value: Any, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"nuts {what} must be an integer >= {minimum}, got {value!r}.")
-    return value
+    return positive_int(value, f"nuts {what}", minimum)
 
 
 class NUTS(PointStart):

@@ -25,6 +25,7 @@ from pyrolora.inference.families import check_local
 from pyrolora.inference.lean import LeanELBO, supports
 from pyrolora.inference.precision import Precision, autocast, compiled_outputs
 from pyrolora.models import BayesianLoraModel
+from pyrolora.validation import at_least, positive
 
 __all__ = ["FitResult", "LossStep", "fit", "kl_annealing", "make_schedule", "resolve_steps"]
 
@@ -256,11 +257,9 @@ class LossStep:
 
 
 def _check_rates(lr: Any, head_lr: Any, warmup: Any) -> None:
-    for value, what in ((lr, "lr"), (head_lr, "head_lr")):
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise ConfigError(f"{what} must be a positive number, got {value!r}.")
-    if warmup < 0:
-        raise ConfigError(f"warmup must be >= 0, got {warmup!r}.")
+    positive(lr, "lr")
+    positive(head_lr, "head_lr")
+    at_least(warmup, "warmup", 0)
 
 
 def _param_groups(

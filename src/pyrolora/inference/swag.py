@@ -40,6 +40,7 @@ from torch import nn
 from pyrolora.errors import ConfigError, SWAGWarning
 from pyrolora.inference.latent import PointStart
 from pyrolora.inference.svi import FitResult, _num_batches, fit, resolve_steps
+from pyrolora.validation import positive_int
 
 __all__ = ["SWAG", "collection_frequency"]
 
@@ -48,9 +49,7 @@ _VAR_FLOOR = 1e-12
 
 
 def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"swag {what} must be a positive integer, got {value!r}.")
-    return value
+    return positive_int(value, f"swag {what}")
 
 
 def collection_frequency(collect_steps: int, rank: int, epoch_steps: int | None) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import tomllib
 import types
 import typing
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pyrolora import validation
 from pyrolora.adapters import LoraXSConfig
 from pyrolora.errors import ConfigError
 from pyrolora.models.backbones import DEFAULT_MODEL
@@ -57,16 +57,13 @@ __all__ = [
 
 
 def _check_number(value: Any, where: str, *, positive: bool = False, minimum: float | None = None) -> None:
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an integer beyond float range: no setting is meant to be that large
-        finite = False
-    if not finite:
-        raise ConfigError(f"{where} must be finite, got {value!r}.")
-    if positive and value <= 0:
-        raise ConfigError(f"{where} must be positive, got {value!r}.")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{where} must be >= {minimum}, got {value!r}.")
+    """A finite number (already type-checked by :func:`_coerce`), positive or at least ``minimum`` if asked."""
+    if positive:
+        validation.positive(value, where)
+    elif minimum is not None:
+        validation.at_least(value, where, minimum)
+    else:
+        validation.finite(value, where)
 
 
 @dataclass(frozen=True)
@@ -115,8 +112,7 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         _check_number(self.neutral_margin, "task.neutral_margin", minimum=0.0)
-        if not 0 < self.validation_fraction < 1:
-            raise ConfigError(f"task.validation_fraction must lie in (0, 1), got {self.validation_fraction!r}.")
+        validation.in_range(self.validation_fraction, "task.validation_fraction", 0, 1, low_open=True, high_open=True)
         for name in ("max_train", "max_eval"):
             if getattr(self, name) is not None:
                 _check_number(getattr(self, name), f"task.{name}", positive=True)
@@ -293,8 +289,7 @@ class MethodSpec:
     def __post_init__(self) -> None:
         for name in ("ensemble_size", "lora_rank", "lora_alpha", "lora_lr"):
             _check_number(getattr(self, name), f"method.{name}", positive=True)
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"method.lora_dropout must lie in [0, 1), got {self.lora_dropout!r}.")
+        validation.in_range(self.lora_dropout, "method.lora_dropout", 0, 1, high_open=True)
         if not self.lora_targets:
             raise ConfigError("method.lora_targets is empty; name the modules peft LoRA adapts, e.g. ['query'].")
 

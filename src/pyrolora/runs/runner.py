@@ -25,6 +25,7 @@ from pyrolora.runs.config import RunConfig
 from pyrolora.runs.device import resolve_device
 from pyrolora.runs.folder import RESULT_FILE, write_json
 from pyrolora.runs.methods import Fitted, get
+from pyrolora.runs.methods.base import split_metrics
 
 __all__ = ["classification_metrics", "fit_and_predict", "run_method", "split_metrics", "train_method"]
 
@@ -32,12 +33,6 @@ __all__ = ["classification_metrics", "fit_and_predict", "run_method", "split_met
 def classification_metrics(probs: torch.Tensor | np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, float]:
     """Accuracy, ECE, NLL, Brier and MCC of averaged probabilities (N, C) against labels (N,)."""
     return metrics.summary(probs, labels, n_bins=n_bins)
-
-
-def split_metrics(probs: torch.Tensor, split: Any, n_bins: int = 15) -> dict[str, float]:
-    """:func:`classification_metrics` of a split, plus the Spearman correlation with rater disagreement when the
-    split carries human label distributions."""
-    return metrics.summary(probs, np.asarray(split.labels), n_bins=n_bins, human_probs=split.human_probs)
 
 
 def _eval_names(splits: dict[str, Any]) -> list[str]:
