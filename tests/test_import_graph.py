@@ -73,7 +73,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
             if node in _parents(target) or target in _parents(node):
                 continue  # a package and its own submodules: Python runs them in a fixed order, no circle
             if state.get(target) == 1:
-                return stack[stack.index(target) :] + [target]
+                return [*stack[stack.index(target) :], target]
             if target not in state:
                 found = visit(target)
                 if found:

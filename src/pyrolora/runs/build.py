@@ -190,12 +190,9 @@ def _training_logger(run: Run, log_dir: str | Path | None) -> Any:
         def validate() -> dict[str, float]:
             p = run.config.predict
             mean = predict(run.model, run.guide, val_loader, num_samples=spec.validation_samples, seed=0).mean
-            return {
-                "accuracy": metrics.accuracy(mean, val_split.labels),
-                "ece": metrics.ece(mean, val_split.labels, n_bins=p.n_bins),
-                "nll": metrics.nll(mean, val_split.labels),
-                "brier": metrics.brier(mean, val_split.labels),
-            }
+            keys = ("accuracy", "ece", "nll", "brier")  # the validation columns of the training log
+            summary = metrics.summary(mean, val_split.labels, n_bins=p.n_bins, keys=keys)
+            return {key: summary[key] for key in keys}
 
     return TrainingLogger(
         log_dir,
@@ -355,18 +352,7 @@ def evaluate(
         precision=run.config.train.precision,
     )
     probs, labels = prediction.mean, data.labels
-    result = {
-        "accuracy": metrics.accuracy(probs, labels),
-        "ece": metrics.ece(probs, labels, n_bins=p.n_bins),
-        "nll": metrics.nll(probs, labels),
-        "brier": metrics.brier(probs, labels),
-        "mcc": metrics.mcc(probs, labels),
-        "num_examples": len(data),
-    }
-    if data.human_probs is not None:
-        result["spearman_human_disagreement"] = metrics.rank_correlation(
-            metrics.entropy(probs), metrics.entropy(data.human_probs)
-        )
+    result = metrics.summary(probs, labels, n_bins=p.n_bins, human_probs=data.human_probs)
     return Evaluation(result, prediction, np.asarray(labels), data.human_probs)
 
 
