@@ -63,3 +63,17 @@ def test_every_shipped_config_is_a_task_base_plus_a_method_overlay():
         assert load_config(path).model == load_config(ROOT / "configs" / "base" / f"{task}.toml").model
     blora = load_config(ROOT / "configs" / "sst2-blora-xs.toml")
     assert blora.task.name == "sst2" and blora.guide.name == "lowrank" and blora.guide.options == {"rank": 2}
+
+
+def test_the_cli_lays_repeated_config_flags_over_each_other(tmp_path):
+    from typer.testing import CliRunner
+
+    from pyrolora.cli import app
+
+    base = _write(tmp_path / "base.toml", "[train]\nepochs = 1\n")
+    bad = _write(tmp_path / "bad.toml", "[train]\nepochs = 0\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--config", str(base), "--config", str(bad), "--out", str(out)])
+    # the second file's value reached validation (before any model is loaded): the overlay was applied
+    assert result.exit_code == 2 and "train.epochs must be positive, got 0.0" in result.output
+    assert not out.exists()
