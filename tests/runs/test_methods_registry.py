@@ -49,3 +49,58 @@ def test_training_through_the_registry_gives_the_recorded_metrics(name, at_root,
     again = load_trained(tmp_path / name)
     got = split_metrics(again.probs("test").mean(0), again.splits["test"], config.predict.n_bins)
     assert got["nll"] == pytest.approx(result["metrics"]["test"]["nll"], abs=1e-6)
+
+
+class _Uniform:
+    """A toy method: predicts 1/C for every class (S = 1). Used to show that a new method needs nothing else."""
+
+    name = "uniform"
+    uses_guide = False
+
+    def train(self, config, splits, *, device, progress=True, out=None, checkpoint_every=None, resume=False):
+        from pyrolora.runs.build import build
+
+        return _UniformFitted(config, build(config, splits))
+
+    def load(self, directory, config, *, model_name=None, device=None):
+        from pyrolora.runs.build import build
+
+        return _UniformFitted(config, build(config))
+
+
+class _UniformFitted:
+    train_seconds = 0.0
+    trainable_params = stored_params = 0
+
+    def __init__(self, config, run):
+        self.config, self.run = config, run
+
+    def probs(self, data, *, progress=False):
+        import torch
+
+        split = self.run.splits[data] if isinstance(data, str) else data
+        return torch.full((1, len(split), split.num_classes), 1.0 / split.num_classes)
+
+    def save(self, directory, metrics=None):
+        from pyrolora.runs.folder import CONFIG_FILE, write_json
+
+        write_json(directory / CONFIG_FILE, self.config.to_dict())
+
+
+def test_a_new_method_is_one_class_and_one_registration(at_root, tiny_model_dir, tmp_path, monkeypatch):
+    import math
+
+    from pyrolora.errors import ConfigError
+    from pyrolora.runs.methods import Fitted, get
+
+    config = RunConfig.from_dict({**config_dict(str(tiny_model_dir), "bayesian-delta"), "method": {"name": "uniform"}})
+    with pytest.raises(ConfigError, match="unknown method 'uniform'; the registered methods are"):
+        get("uniform")
+    monkeypatch.setitem(METHODS, "uniform", _Uniform())
+    result = run_method(config, out=tmp_path / "u", device="cpu", progress=False)
+    # 1/2 for each of 2 classes: NLL log 2, Brier 2 · (1/2)² = 0.5, whatever the labels
+    assert result["metrics"]["test"]["nll"] == pytest.approx(math.log(2), abs=1e-12)
+    assert result["metrics"]["test"]["brier"] == pytest.approx(0.5, abs=1e-12)
+    trained = load_trained(tmp_path / "u")
+    assert isinstance(trained.fitted, Fitted) and trained.description == "u (uniform)"
+    assert trained.probs("test").shape == (1, 12, 2)

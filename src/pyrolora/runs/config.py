@@ -278,7 +278,8 @@ class MethodSpec:
       likelihood with ``lora_lr``; no prior.
     """
 
-    name: Literal["bayesian", "mc_dropout", "ensemble", "peft_lora"] = "bayesian"
+    #: a method of :data:`pyrolora.runs.methods.METHODS` (checked when it is looked up, before any training)
+    name: str = "bayesian"
     ensemble_size: int = 5
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -287,6 +288,10 @@ class MethodSpec:
     lora_lr: float = 1e-3
 
     def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ConfigError(
+                f"method.name must be a method name such as 'bayesian' or 'peft_lora', got {self.name!r}."
+            )
         for name in ("ensemble_size", "lora_rank", "lora_alpha", "lora_lr"):
             _check_number(getattr(self, name), f"method.{name}", positive=True)
         validation.in_range(self.lora_dropout, "method.lora_dropout", 0, 1, high_open=True)

@@ -110,6 +110,7 @@ def fit_and_predict(
     result["device"] = str(resolve_device(device if device is not None else config.train.device))
     if out is not None:
         n_bins = config.predict.n_bins
+        Path(out).mkdir(parents=True, exist_ok=True)
         fitted.save(Path(out), {n: split_metrics(result["probs"][n], splits[n], n_bins) for n in names})
     return result
 

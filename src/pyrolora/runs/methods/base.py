@@ -48,7 +48,7 @@ class Fitted(Protocol):
         ...
 
     def save(self, directory: Path, metrics: Mapping[str, Any] | None = None) -> None:
-        """Write the run folder (``metrics``: ``{split: {...}}`` to store beside the state)."""
+        """Write the run folder into ``directory`` (it exists); ``metrics`` (``{split: {...}}``) go beside the state."""
         ...
 
 
