@@ -18,22 +18,6 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option(help="Output folder for runs, metrics.json and reliability.png.")] = Path(
-        "runs/demo"
-    ),
-    epochs: Annotated[float | None, typer.Option(help="Override the number of training epochs.")] = None,
-) -> None:
-    """Train LoRA-XS MAP and B-LoRA-XS on the embedded VADER task with all-MiniLM-L6-v2 and compare them."""
-    from pyrolora.runs.demo import run_demo
-
-    try:
-        run_demo(out, epochs=epochs)
-    except PyroloraError as err:
-        _fail(err)
-
-
 _DEVICE_HELP = "Device: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N."
 
 
@@ -44,6 +28,23 @@ def _echo_device(device: str | None, default: str = "auto") -> str:
     where = str(resolve_device(device if device is not None else default))
     typer.echo(f"device: {where}", err=True)
     return where
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder for runs, metrics.json and reliability.png.")] = Path(
+        "runs/demo"
+    ),
+    epochs: Annotated[float | None, typer.Option(help="Override the number of training epochs.")] = None,
+) -> None:
+    """Train LoRA-XS MAP and B-LoRA-XS on the embedded VADER task with all-MiniLM-L6-v2 and compare them."""
+    from pyrolora.runs.demo import DEMO_CONFIG, run_demo
+
+    try:
+        _echo_device(DEMO_CONFIG.train.device)
+        run_demo(out, epochs=epochs)
+    except PyroloraError as err:
+        _fail(err)
 
 
 @app.command("train")
@@ -233,12 +234,13 @@ def merge_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pyrolora train`.")],
     out: Annotated[Path, typer.Option("--out", help="New folder for the merged transformers model.")],
     which: Annotated[str, typer.Option(help="Posterior point to merge: mean or median.")] = "median",
+    device: Annotated[str | None, typer.Option(help=_DEVICE_HELP)] = None,
 ) -> None:
     """Save a plain transformers model with the adapters folded in at one posterior point."""
     from pyrolora.runs.export import merge_run
 
     try:
-        merge_run(run_dir, out, which=which)  # type: ignore[arg-type]
+        merge_run(run_dir, out, which=which, device=_echo_device(device))  # type: ignore[arg-type]
     except PyroloraError as err:
         _fail(err)
     typer.echo(f"saved the merged model to {out}")

@@ -65,7 +65,11 @@ def test_every_command_runs_on_the_device_it_is_given_and_says_so(tmp_path, tiny
         result = runner.invoke(app, [*command, "--device", "cpu"])
         assert result.exit_code == 0, result.output
         assert "device: cpu" in result.output
-    exported = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "peft"), "--device", "auto"])
-    assert exported.exit_code == 0 and "device: cpu" in exported.output, exported.output
+    for command in (
+        ["export", str(out), "--out", str(tmp_path / "peft")],
+        ["merge", str(out), "--out", str(tmp_path / "m")],
+    ):
+        result = runner.invoke(app, [*command, "--device", "auto"])
+        assert result.exit_code == 0 and "device: cpu" in result.output, result.output
     refused = runner.invoke(app, ["evaluate", str(out), "--device", "cuda"])
     assert refused.exit_code == 2 and "no CUDA GPU" in refused.output

@@ -2,7 +2,7 @@
 
 :class:`TrainingLogger` is a ``callback`` for :func:`pyrolora.fit`; it never changes training. Its KL estimate
 and the validation predictions run on forked random-number generators, so a run with logging takes exactly the
-same steps (bit-identical losses) as one without. ``experiment.train`` builds one from the ``[log]`` section of
+same steps (bit-identical losses) as one without. ``runs.build.train`` builds one from the ``[log]`` section of
 the run configuration (:class:`pyrolora.runs.config.LogSpec`).
 
 Logged per step (every ``every`` steps and the last one):
