@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pyrolora.errors import ConfigError, RunFolderError
+from pyrolora.runs.folder import CONFIG_FILE
 
 __all__ = ["DiagnoseResult", "diagnose", "format_site_table"]
 
@@ -259,6 +260,6 @@ def _markdown(numbers: dict[str, Any], table: str, images: dict[str, Path], note
 def check_run_dir(run_dir: str | Path) -> Path:
     """Raise :class:`RunFolderError` early when ``run_dir`` is not a run folder."""
     path = Path(run_dir)
-    if not (path / "config.json").is_file():
-        raise RunFolderError(f"{path} is not a pyrolora run folder (no config.json); make one with `pyrolora train`.")
+    if not (path / CONFIG_FILE).is_file():
+        raise RunFolderError(f"{path} is not a pyrolora run folder (no {CONFIG_FILE}); make one with `pyrolora train`.")
     return path
