@@ -114,8 +114,8 @@ def build_backbone(shape: Shape, device: torch.device, model_path: str | None = 
 
     torch.manual_seed(seed)
     if shape.config is None:
-        from pyrolora.backbones import resolve_model
         from pyrolora.errors import ConfigError
+        from pyrolora.models.backbones import resolve_model
 
         try:
             path = model_path or os.environ.get("PYROLORA_MINILM") or resolve_model("minilm")

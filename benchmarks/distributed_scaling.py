@@ -102,7 +102,7 @@ def _build(args: argparse.Namespace, device: torch.device) -> tuple[Any, list[An
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     if args.model == "minilm":
-        from pyrolora.backbones import load_sequence_classifier, load_tokenizer
+        from pyrolora.models.backbones import load_sequence_classifier, load_tokenizer
 
         name = args.model_path or "sentence-transformers/all-MiniLM-L6-v2"
         backbone = load_sequence_classifier(name, num_labels=2, seed=0).to(device)

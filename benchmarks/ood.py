@@ -118,7 +118,7 @@ def pair_splits(pair: str, config: Any, size: str) -> dict[str, Any]:
     from pyrolora.data.mcqa import load_mcqa_jsonl
     from pyrolora.data.tasks import data_root
     from pyrolora.data.texts import load_texts, unlabelled_split
-    from pyrolora.experiment import load_task
+    from pyrolora.runs.build import load_task
 
     splits = load_task(config.task)
     limit = SHIFT_LIMIT[size]
@@ -144,7 +144,7 @@ def pair_splits(pair: str, config: Any, size: str) -> dict[str, Any]:
 
 def run_pair_job(job: dict[str, Any]) -> dict[str, Any]:
     """One training run of a pair (in a worker process): ``benchmarks/tasks.py``'s job on the pair's splits."""
-    from pyrolora.config import RunConfig
+    from pyrolora.runs.config import RunConfig
 
     return grid.run_job(job, splits=pair_splits(job["pair"], RunConfig.from_dict(job["config"]), job["size"]))
 
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--seeds must be >= 1 and --first-seed >= 0, got {args.seeds} and {args.first_seed}")
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    from pyrolora.config import RunConfig
+    from pyrolora.runs.config import RunConfig
 
     if args.summarize_only:  # configs, skipped rows and seeds as the runs saved them
         sources = args.merge or [args.out]

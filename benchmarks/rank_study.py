@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyrolora.config import RunConfig
 from pyrolora.diagnostics.spectrum import covariance_spectrum
-from pyrolora.experiment import evaluate, load_task, train
+from pyrolora.runs.build import evaluate, load_task, train
+from pyrolora.runs.config import RunConfig
 
 
 def _guides(ks: list[int], with_full: bool, with_map: bool) -> dict[str, dict]:

@@ -113,10 +113,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    from pyrolora.config import RunConfig
-    from pyrolora.experiment import build, load_task
     from pyrolora.inference import fit, predict
     from pyrolora.inference.predict import select_temperature
+    from pyrolora.runs.build import build, load_task
+    from pyrolora.runs.config import RunConfig
 
     guide_name, guide_options, fit_options, prior = VARIANTS[job["variant"]]
     raw = dict(job["config"])

@@ -1,6 +1,6 @@
 """Real tasks, every method, several seeds: one table with 95% confidence intervals.
 
-Methods (same runner, data pipeline, metrics; see ``pyrolora.runner``):
+Methods (same runner, data pipeline, metrics; see ``pyrolora.runs.runner``):
 
     lora        standard LoRA through peft (rank 8 on query/value), maximum likelihood
     lora_xs     LoRA-XS MAP: the ``delta`` guide under the same prior as B-LoRA-XS
@@ -200,7 +200,7 @@ def prepare_models(size: str, folder: Path, minilm: str | None, smollm2: str | N
     if size == "tiny":
         from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-        from pyrolora.backbones import resolve_model
+        from pyrolora.models.backbones import resolve_model
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
         for key, build in (
@@ -221,7 +221,7 @@ def prepare_models(size: str, folder: Path, minilm: str | None, smollm2: str | N
     if any(t in ENCODER_TASKS for t in tasks):
         from transformers import AutoModel, AutoTokenizer
 
-        from pyrolora.backbones import resolve_model
+        from pyrolora.models.backbones import resolve_model
 
         source = resolve_model(minilm or os.environ.get("PYROLORA_MINILM") or "minilm")
         path = folder / "minilm-fp32"
@@ -265,9 +265,9 @@ def run_job(job: dict[str, Any], splits: dict[str, Any] | None = None) -> dict[s
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    from pyrolora.config import RunConfig
-    from pyrolora.experiment import load_task
-    from pyrolora.runner import fit_and_predict
+    from pyrolora.runs.build import load_task
+    from pyrolora.runs.config import RunConfig
+    from pyrolora.runs.runner import fit_and_predict
 
     config = RunConfig.from_dict(job["config"])
     splits = load_task(config.task) if splits is None else splits
@@ -363,7 +363,7 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 def bootstrap(probs: np.ndarray, labels: np.ndarray, name: str, n_bins: int, reps: int = 1000) -> float:
     """Half-width of the 95% percentile bootstrap interval of one metric over test examples."""
-    from pyrolora.runner import classification_metrics
+    from pyrolora.runs.runner import classification_metrics
 
     rng = np.random.default_rng(0)
     values = []
@@ -376,7 +376,7 @@ def bootstrap(probs: np.ndarray, labels: np.ndarray, name: str, n_bins: int, rep
 
 def summarize(args: argparse.Namespace, done: list[dict[str, Any]], labels: dict[str, dict[str, np.ndarray]]) -> dict:
     """Per task and method: per-seed metrics on every evaluation split, their mean and 95% interval."""
-    from pyrolora.runner import classification_metrics
+    from pyrolora.runs.runner import classification_metrics
 
     rows: dict[str, dict[str, Any]] = {}
     for task in args.tasks:
@@ -574,8 +574,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     models = prepare_models(args.size, args.out / "_models", args.minilm, args.smollm2, args.tasks)
-    from pyrolora.config import RunConfig
-    from pyrolora.experiment import load_task
+    from pyrolora.runs.build import load_task
+    from pyrolora.runs.config import RunConfig
 
     labels = {}
     for task in args.tasks:

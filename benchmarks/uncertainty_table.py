@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pyrolora.evaluation.plots import accuracy_coverage_plot
 from pyrolora.evaluation.uncertainty import format_uncertainty_table
-from pyrolora.uncertainty import UNCERTAINTY_FILE
+from pyrolora.runs.report import UNCERTAINTY_FILE
 
 
 def main() -> None:

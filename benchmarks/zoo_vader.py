@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from pyrolora import guides, priors
-from pyrolora.config import RunConfig
-from pyrolora.experiment import build, evaluate, fit_run, load_task
+from pyrolora.runs.build import build, evaluate, fit_run, load_task
+from pyrolora.runs.config import RunConfig
 
 
 def cases(args: argparse.Namespace) -> list[tuple[str, Any, str, dict[str, Any]]]:

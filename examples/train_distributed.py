@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 import pyrolora as pl
-from pyrolora.backbones import load_sequence_classifier, load_tokenizer
 from pyrolora.data import ClassificationSplit, TokenizedLoader, vader_splits
 from pyrolora.inference import distributed
 from pyrolora.inference.state import save_state
+from pyrolora.models.backbones import load_sequence_classifier, load_tokenizer
 
 TARGETS = ["query", "value", "attention.output.dense", "output.dense"]
 

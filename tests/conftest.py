@@ -160,12 +160,12 @@ def write_mcqa_folder(folder: Path, n_train: int = 24, n_dev: int = 6) -> Path:
 def save_tiny_model(folder: Path, seed: int = 0, max_positions: int = 32) -> Path:
     """A 2-layer BERT (hidden 16) with the real all-MiniLM-L6-v2 tokenizer, saved as a loadable model folder.
 
-    It loads through ``pyrolora.backbones`` like any hub model, so configs, the CLI and run folders can be
+    It loads through ``pyrolora.models.backbones`` like any hub model, so configs, the CLI and run folders can be
     exercised end to end in seconds.
     """
     from transformers import BertConfig, BertForSequenceClassification
 
-    from pyrolora.backbones import DEFAULT_MODEL, load_tokenizer
+    from pyrolora.models.backbones import DEFAULT_MODEL, load_tokenizer
 
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     torch.manual_seed(seed)

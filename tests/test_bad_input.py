@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pyrolora.backbones import check_tokenizer, load_tokenizer
-from pyrolora.config import RunConfig, load_config
 from pyrolora.data import ClassificationSplit, TokenizedLoader, load_vader, vader_splits
 from pyrolora.errors import ConfigError, DataError, PyroloraError, TargetError, TruncationWarning
-from pyrolora.experiment import build
+from pyrolora.models.backbones import check_tokenizer, load_tokenizer
+from pyrolora.runs.build import build
+from pyrolora.runs.config import RunConfig, load_config
 from tests.conftest import tiny_bert
 
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from pyrolora import LoraXSConfig, guides, inject_adapters, predict
-from pyrolora.baselines import inject_peft_lora, mc_dropout, predict_point
 from pyrolora.errors import ConfigError
 from pyrolora.models import BayesianLoraModel
+from pyrolora.runs.methods.dropout import mc_dropout
+from pyrolora.runs.methods.peft_lora import inject_peft_lora, predict_point
 from tests.conftest import tiny_llama, token_batch
 
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from pyrolora.config import RunConfig, load_config
 from pyrolora.errors import ConfigError
+from pyrolora.runs.config import RunConfig, load_config
 
 EXAMPLE = """
 [model]

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from pyrolora.demo import DEMO_CONFIG, run_demo
-from pyrolora.experiment import evaluate, load_run
+from pyrolora.runs.build import evaluate, load_run
+from pyrolora.runs.demo import DEMO_CONFIG, run_demo
 
 pytestmark = pytest.mark.slow
 

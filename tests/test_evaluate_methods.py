@@ -14,8 +14,8 @@ from pyrolora.data import ClassificationSplit
 from pyrolora.data.mcqa import MultipleChoiceSplit
 from pyrolora.errors import RunFolderError
 from pyrolora.evaluation.uncertainty import uncertainty_report
-from pyrolora.trained import load_trained, shifted_data
-from pyrolora.uncertainty import UNCERTAINTY_FILE, evaluate_uncertainty
+from pyrolora.runs.report import UNCERTAINTY_FILE, evaluate_uncertainty
+from pyrolora.runs.trained import load_trained, shifted_data
 from tests.conftest import write_mcqa_folder
 
 
@@ -25,7 +25,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     both with the real all-MiniLM-L6-v2 tokenizer, saved as model folders."""
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-    from pyrolora.backbones import resolve_model
+    from pyrolora.models.backbones import resolve_model
 
     folder = tmp_path_factory.mktemp("evaluate-models")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
@@ -146,9 +146,10 @@ def test_incomplete_or_foreign_folders_fail_with_a_clear_message(tmp_path, tiny_
 
 
 def test_peft_lora_state_holds_the_head_and_reloads_to_the_same_predictions(tmp_path, tiny_models):
-    from pyrolora.config import RunConfig
-    from pyrolora.experiment import load_task
-    from pyrolora.runner import PEFT_LORA_FILE, fit_and_predict
+    from pyrolora.runs.build import load_task
+    from pyrolora.runs.config import RunConfig
+    from pyrolora.runs.folder import PEFT_LORA_FILE
+    from pyrolora.runs.runner import fit_and_predict
 
     data = _tsv_task(tmp_path / "data")
     config = RunConfig.from_dict(
@@ -290,8 +291,8 @@ def test_mc_dropout_on_llama_qa_through_adapter_dropout_and_ood_task(tmp_path, t
 
 def test_shifted_data_from_another_classification_task_keeps_only_its_texts(monkeypatch):
     """--ood-task on a classification run: the other task's test texts, relabelled as placeholders."""
-    import pyrolora.trained as module
-    from pyrolora.config import RunConfig
+    import pyrolora.runs.trained as module
+    from pyrolora.runs.config import RunConfig
 
     other = ClassificationSplit(texts=("x", "y", "z"), labels=np.array([2, 1, 0]), label_names=("a", "b", "c"))
     monkeypatch.setattr(module, "load_task", lambda spec: {"test": other})

@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 import pyrolora as pl
 from pyrolora.errors import ConfigError
 from pyrolora.inference.guides import setup
-from pyrolora.interop import (
+from pyrolora.inference.interop import (
     MANIFEST_NAME,
     export_peft,
     import_peft,

@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 
 from pyrolora import guides, predict
 from pyrolora.adapters.peft_format import unwrapped_copy
-from pyrolora.backbones import DEFAULT_MODEL, load_sequence_classifier
 from pyrolora.cli import app
-from pyrolora.config import RunConfig
-from pyrolora.experiment import load_task, save_run, train
-from pyrolora.interop import export_peft, import_peft, merge_to_pretrained, point_latents
-from pyrolora.tracking import CSV_NAME, TENSORBOARD_DIR
+from pyrolora.inference.interop import export_peft, import_peft, merge_to_pretrained, point_latents
+from pyrolora.models.backbones import DEFAULT_MODEL, load_sequence_classifier
+from pyrolora.runs.build import load_task, save_run, train
+from pyrolora.runs.config import RunConfig
+from pyrolora.runs.tracking import CSV_NAME, TENSORBOARD_DIR
 
 pytestmark = [
     pytest.mark.slow,

@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pyrolora import metrics
-from pyrolora.backbones import load_tokenizer
-from pyrolora.config import RunConfig, load_config
 from pyrolora.data import ClassificationSplit, TokenizedLoader, load_vader
 from pyrolora.errors import ConfigError, DataError, PyroloraError, RunFolderError
 from pyrolora.inference import guides
 from pyrolora.inference.checkpoint import read_checkpoint
+from pyrolora.models.backbones import load_tokenizer
+from pyrolora.runs.config import RunConfig, load_config
 
 FUZZ = settings(
     max_examples=60,
@@ -250,7 +250,7 @@ def test_every_config_key_with_every_edge_value_fails_only_with_config_error():
     """Exhaustive over (section, key) x edge value, where random search is too sparse to reach each pair."""
     import dataclasses
 
-    from pyrolora.config import _SECTIONS
+    from pyrolora.runs.config import _SECTIONS
 
     edges = [10**400, -(10**400), 2**63, -1, 0, 0.5, math.inf, -math.inf, math.nan, "", "x", [], [1], {}, True, None]
     tried = 0

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from pyrolora.errors import RunFolderError
-from pyrolora.experiment import load_run
 from pyrolora.inference.checkpoint import CHECKPOINT_FILE, read_checkpoint
+from pyrolora.runs.build import load_run
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def test_resume_refuses_a_changed_config_and_a_fresh_start_over_a_checkpoint(tin
     from typer.testing import CliRunner
 
     from pyrolora.cli import app
-    from pyrolora.config import load_config
+    from pyrolora.runs.config import load_config
 
     config = tmp_path / "run.toml"
     config.write_text(CONFIG.format(model=tiny_model_dir), encoding="utf-8")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pyrolora import BayesianLoraModel, LoraXSConfig, guides, inject_adapters
-from pyrolora.backbones import load_sequence_classifier
-from pyrolora.config import RunConfig
 from pyrolora.errors import RunFolderError
-from pyrolora.experiment import evaluate, load_run, save_run, train
-from pyrolora.runfolder import MANIFEST_FILE, load_into
+from pyrolora.models.backbones import load_sequence_classifier
+from pyrolora.runs.build import evaluate, load_run, save_run, train
+from pyrolora.runs.config import RunConfig
+from pyrolora.runs.folder import MANIFEST_FILE, load_into
 from tests.conftest import save_tiny_model
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "pyrolora"

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from pyrolora.cli import app
-from pyrolora.config import load_config
+from pyrolora.runs.config import load_config
 from tests.conftest import write_mcqa_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def test_every_shipped_config_is_valid():
     methods = {load_config(f).method.name for f in files}
     assert methods == {"bayesian", "mc_dropout", "ensemble", "peft_lora"}
     assert {load_config(f).guide.name for f in files if f.stem.endswith("-swag")} == {"swag"}
-    qa_mc = [load_config(f) for f in files if f.stem.endswith("-mc-dropout") and "smollm2" in f.read_text()]
+    qa_mc = [load_config(f) for f in files if f.stem.endswith("-mc-dropout") and "smollm2" in load_config(f).model.name]
     assert len(qa_mc) == 3 and all(c.adapters.dropout == 0.1 and c.method.name == "mc_dropout" for c in qa_mc)
 
 
@@ -156,10 +156,10 @@ def test_cli_trains_multiple_choice_and_evaluates_on_another_task(tmp_path, data
 def test_fit_and_predict_keeps_the_per_sample_probabilities_of_every_split_including_unlabelled_ones(
     tmp_path, method, guide
 ):
-    from pyrolora.config import RunConfig
     from pyrolora.data.texts import unlabelled_split
-    from pyrolora.experiment import load_task
-    from pyrolora.runner import fit_and_predict
+    from pyrolora.runs.build import load_task
+    from pyrolora.runs.config import RunConfig
+    from pyrolora.runs.runner import fit_and_predict
 
     models = benchmark_module().prepare_models("tiny", tmp_path / "models", None, None, [])
     data = tmp_path / "data"

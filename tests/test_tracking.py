@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from pyrolora import BayesianLoraModel, LoraXSConfig, fit, guides, inject_adapters, likelihoods
-from pyrolora.config import RunConfig
 from pyrolora.errors import ConfigError
 from pyrolora.inference.guides import setup
-from pyrolora.tracking import CSV_NAME, TENSORBOARD_DIR, TrainingLogger, kl_estimate, learning_rates
+from pyrolora.runs.config import RunConfig
+from pyrolora.runs.tracking import CSV_NAME, TENSORBOARD_DIR, TrainingLogger, kl_estimate, learning_rates
 
 
 def _regression(n=64, seed=0):

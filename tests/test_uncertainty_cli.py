@@ -9,13 +9,13 @@ import torch
 from typer.testing import CliRunner
 
 from pyrolora.cli import app
-from pyrolora.config import RunConfig
 from pyrolora.data import ClassificationSplit
 from pyrolora.data.texts import unlabelled_split
 from pyrolora.evaluation.uncertainty import SCORES, uncertainty_report
-from pyrolora.experiment import save_run, train
 from pyrolora.inference import predict
-from pyrolora.uncertainty import PLOT_FILE, UNCERTAINTY_FILE, evaluate_uncertainty
+from pyrolora.runs.build import save_run, train
+from pyrolora.runs.config import RunConfig
+from pyrolora.runs.report import PLOT_FILE, UNCERTAINTY_FILE, evaluate_uncertainty
 
 
 def _split(n=30, seed=0):

@@ -9,9 +9,9 @@ tests/inference/test_zoo.py.)
 
 import pytest
 
-from pyrolora.config import RunConfig
 from pyrolora.data import ClassificationSplit
-from pyrolora.experiment import evaluate, load_run, save_run, train
+from pyrolora.runs.build import evaluate, load_run, save_run, train
+from pyrolora.runs.config import RunConfig
 
 pytestmark = pytest.mark.slow
 

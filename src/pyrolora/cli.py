@@ -18,6 +18,18 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+_DEVICE_HELP = "Device: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N."
+
+
+def _echo_device(device: str | None, default: str = "auto") -> str:
+    """Resolve ``device`` (or ``default``), print it, and return its name."""
+    from pyrolora.runs.device import resolve_device
+
+    where = str(resolve_device(device if device is not None else default))
+    typer.echo(f"device: {where}", err=True)
+    return where
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder for runs, metrics.json and reliability.png.")] = Path(
@@ -26,9 +38,10 @@ def demo(
     epochs: Annotated[float | None, typer.Option(help="Override the number of training epochs.")] = None,
 ) -> None:
     """Train LoRA-XS MAP and B-LoRA-XS on the embedded VADER task with all-MiniLM-L6-v2 and compare them."""
-    from pyrolora.demo import run_demo
+    from pyrolora.runs.demo import DEMO_CONFIG, run_demo
 
     try:
+        _echo_device(DEMO_CONFIG.train.device)
         run_demo(out, epochs=epochs)
     except PyroloraError as err:
         _fail(err)
@@ -36,7 +49,13 @@ def demo(
 
 @app.command("train")
 def train_cmd(
-    config: Annotated[Path, typer.Option("--config", help="Run configuration (.toml or .json).")],
+    config: Annotated[
+        list[Path],
+        typer.Option(
+            "--config",
+            help="Run configuration (.toml or .json); repeat it to lay overlays over a base (later files win).",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last checkpoint.")
@@ -44,52 +63,32 @@ def train_cmd(
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", min=1, help="Optimizer steps between checkpoints in --out.")
     ] = 100,
+    device: Annotated[str | None, typer.Option(help=_DEVICE_HELP + " Default: [train] device.")] = None,
 ) -> None:
-    """Train a run from a configuration file, evaluate it on the test split and save it.
+    """Train a run of any method from a configuration, evaluate it on its evaluation splits and save it.
 
     Training writes a checkpoint into --out every --checkpoint-every steps; after a crash or kill, the same
     command with --resume continues from it to the result an uninterrupted run gives. The checkpoint is removed
     once the run folder is completely saved.
     """
-    from pyrolora.config import load_config
-    from pyrolora.experiment import evaluate, save_run, train
-    from pyrolora.inference.checkpoint import CHECKPOINT_FILE
-
-    if _train_other_method(config, out):  # baselines (MC dropout, ensemble, peft LoRA) go through the runner
-        return
-    try:
-        run = train(
-            load_config(config), log_dir=out, checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume
-        )
-        evaluation = evaluate(run, "test", progress=True)
-        run.metrics = {"test": evaluation.metrics}
-        save_run(run, out)
-        (out / CHECKPOINT_FILE).unlink(missing_ok=True)
-    except PyroloraError as err:
-        _fail(err)
     from pyrolora.inference.distributed import is_main_process
-
-    if is_main_process():  # under torchrun every process holds the same metrics; one prints them
-        typer.echo(json.dumps(evaluation.metrics, indent=2))
-        typer.echo(f"saved to {out}")
-
-
-def _train_other_method(config: Path, out: Path) -> bool:
-    """Run a non-``bayesian`` method of ``[method]`` with :func:`pyrolora.runner.run_method`; False otherwise."""
-    from pyrolora.config import load_config
+    from pyrolora.runs.config import load_config
+    from pyrolora.runs.runner import run_method
 
     try:
-        parsed = load_config(config)
-        if parsed.method.name == "bayesian":
-            return False
-        from pyrolora.runner import run_method
-
-        result = run_method(parsed, out=out)
+        parsed = load_config(*config)
+        where = _echo_device(device, parsed.train.device)
+        result = run_method(parsed, out=out, device=where, checkpoint_every=checkpoint_every, resume=resume)
     except PyroloraError as err:
         _fail(err)
-    typer.echo(json.dumps(result, indent=2))
-    typer.echo(f"saved to {out}")
-    return True
+    if is_main_process():  # under torchrun every process holds the same metrics; one prints them
+        typer.echo(json.dumps(result["metrics"].get("test", result["metrics"]), indent=2))
+        typer.echo(
+            f"{result['method']} on {result['device']}: trained in {result['train_seconds']:.1f} s, predicted in "
+            f"{result['predict_seconds']:.1f} s; {result['trainable_params']} trainable, {result['stored_params']} "
+            "stored parameters"
+        )
+        typer.echo(f"saved to {out}")
 
 
 @app.command("evaluate")
@@ -133,6 +132,7 @@ def evaluate_cmd(
             "task; labels unused); implies --uncertainty.",
         ),
     ] = None,
+    device: Annotated[str | None, typer.Option(help=_DEVICE_HELP)] = None,
 ) -> None:
     """Load a saved run of any method and evaluate it on one split of its task (or of another task with --task).
 
@@ -140,7 +140,7 @@ def evaluate_cmd(
     is one point estimate.
     """
     from pyrolora.errors import ConfigError
-    from pyrolora.trained import load_trained, split_metrics
+    from pyrolora.runs.trained import load_trained, split_metrics
 
     try:
         if sum(x is not None for x in (ood, ood_split, ood_task)) > 1:
@@ -150,7 +150,7 @@ def evaluate_cmd(
             from pyrolora.data.texts import load_texts
 
             ood_texts = load_texts(ood, column=ood_column, limit=ood_limit)  # fail on a bad file before predicting
-        trained = load_trained(run_dir, progress=True)
+        trained = load_trained(run_dir, progress=True, device=_echo_device(device))
         if task is not None:
             trained.use_task(task)
         if split not in trained.splits:
@@ -180,8 +180,8 @@ def _report_uncertainty(trained, run_dir, split, probs, ood, ood_texts, ood_spli
     """The uncertainty part of `evaluate`: predict on the shifted data, compute, print and store the report."""
     from pyrolora.data.texts import unlabelled_split
     from pyrolora.evaluation.uncertainty import format_uncertainty_table
-    from pyrolora.trained import shifted_data
-    from pyrolora.uncertainty import evaluate_uncertainty, save_uncertainty
+    from pyrolora.runs.report import evaluate_uncertainty, save_uncertainty
+    from pyrolora.runs.trained import shifted_data
 
     try:
         data = trained.splits[split]
@@ -216,12 +216,14 @@ def export_cmd(
     ] = "median",
     num_samples: Annotated[int, typer.Option("--num-samples", help="Posterior draws S for --which sample.")] = 15,
     seed: Annotated[int, typer.Option(help="Seed of the posterior draws.")] = 0,
+    device: Annotated[str | None, typer.Option(help=_DEVICE_HELP)] = None,
 ) -> None:
     """Export a run's posterior as standard peft LoRA adapters (one point, or S named draws)."""
-    from pyrolora.interop import export_run
+    from pyrolora.runs.export import export_run
 
     try:
-        folders = export_run(run_dir, out, which=which, num_samples=num_samples, seed=seed)  # type: ignore[arg-type]
+        where = _echo_device(device)
+        folders = export_run(run_dir, out, which=which, num_samples=num_samples, seed=seed, device=where)  # type: ignore[arg-type]
     except PyroloraError as err:
         _fail(err)
     typer.echo(f"wrote {len(folders)} peft LoRA adapter(s) to {out}")
@@ -232,12 +234,13 @@ def merge_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `pyrolora train`.")],
     out: Annotated[Path, typer.Option("--out", help="New folder for the merged transformers model.")],
     which: Annotated[str, typer.Option(help="Posterior point to merge: mean or median.")] = "median",
+    device: Annotated[str | None, typer.Option(help=_DEVICE_HELP)] = None,
 ) -> None:
     """Save a plain transformers model with the adapters folded in at one posterior point."""
-    from pyrolora.interop import merge_run
+    from pyrolora.runs.export import merge_run
 
     try:
-        merge_run(run_dir, out, which=which)  # type: ignore[arg-type]
+        merge_run(run_dir, out, which=which, device=_echo_device(device))  # type: ignore[arg-type]
     except PyroloraError as err:
         _fail(err)
     typer.echo(f"saved the merged model to {out}")
@@ -254,9 +257,10 @@ def diagnose_cmd(
     pareto_samples: Annotated[
         int, typer.Option(help="Draws for the guide's Pareto-k (0 skips; costs S passes over the train split).")
     ] = 0,
+    device: Annotated[str | None, typer.Option(help=_DEVICE_HELP)] = None,
 ) -> None:
     """Write a diagnostics report (Markdown with pictures) and the posterior as netCDF; print a summary."""
-    from pyrolora.diagnostics.report import check_run_dir, diagnose
+    from pyrolora.runs.diagnose import check_run_dir, diagnose
 
     try:
         check_run_dir(run_dir)
@@ -268,6 +272,7 @@ def diagnose_cmd(
             num_samples=num_samples,
             num_chains=num_chains,
             pareto_samples=pareto_samples,
+            device=_echo_device(device),
         )
     except PyroloraError as err:
         _fail(err)

@@ -7,10 +7,10 @@ from torch import nn
 
 from pyrolora import LoraXSConfig, fit, guides, inject_adapters, predict
 from pyrolora.adapters.layer import LoraXSLinear
-from pyrolora.baselines import mc_dropout
-from pyrolora.config import RunConfig
 from pyrolora.errors import ConfigError
 from pyrolora.models import BayesianLoraModel
+from pyrolora.runs.config import RunConfig
+from pyrolora.runs.methods.dropout import mc_dropout
 from tests.conftest import tiny_llama, token_batch
 
 TARGETS = ("q_proj", "v_proj", "down_proj")

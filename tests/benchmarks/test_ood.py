@@ -55,7 +55,7 @@ def test_first_seed_adds_later_seeds_and_the_ensemble_members_they_need():
 
 
 def test_the_shifted_cola_sentences_are_the_fourth_column_of_the_raw_file(data_dir, monkeypatch):
-    from pyrolora.config import RunConfig
+    from pyrolora.runs.config import RunConfig
 
     monkeypatch.setenv("PYROLORA_DATA", str(data_dir))
     models = {"minilm": "minilm"}  # only the task part of the configuration is used here

@@ -95,3 +95,27 @@ def test_reliability_counts_every_example_once():
 def test_bad_inputs(probs, labels, match):
     with pytest.raises(ValueError, match=match):
         metrics.accuracy(probs, labels)
+
+
+def test_summary_is_the_individual_metrics_and_adds_rater_agreement_only_when_given():
+    from pyrolora.evaluation import metrics
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=40)
+    labels = rng.integers(0, 3, size=40)
+    got = metrics.summary(probs, labels, n_bins=5)
+    assert got == {
+        "accuracy": metrics.accuracy(probs, labels),
+        "ece": metrics.ece(probs, labels, n_bins=5),
+        "nll": metrics.nll(probs, labels),
+        "brier": metrics.brier(probs, labels),
+        "mcc": metrics.mcc(probs, labels),
+        "num_examples": 40,
+    }
+    human = rng.dirichlet(np.ones(3), size=40)
+    with_raters = metrics.summary(probs, labels, human_probs=human, keys=("nll",))
+    assert set(with_raters) == {"nll", "num_examples", "spearman_human_disagreement"}
+    expected = metrics.rank_correlation(metrics.entropy(probs), metrics.entropy(human))
+    assert with_raters["spearman_human_disagreement"] == expected
+    with pytest.raises(ValueError, match="unknown metric"):
+        metrics.summary(probs, labels, keys=("auc",))

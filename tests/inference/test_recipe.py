@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from pyrolora import fit, guides, predict
-from pyrolora.config import RunConfig
 from pyrolora.errors import ConfigError
 from pyrolora.inference.lean import LeanELBO
 from pyrolora.inference.predict import DEFAULT_TEMPERATURES, select_temperature, temper
 from pyrolora.inference.state import load_state, save_state
 from pyrolora.inference.svi import DEFAULT_KL_WEIGHT
+from pyrolora.runs.config import RunConfig
 from tests.inference.test_lean import _data, _guide, _model
 
 
@@ -27,9 +27,8 @@ def test_mean_only_is_the_map_objective_at_the_guide_mean_and_the_terms_add_up()
     inputs, targets = _data(1)[0]
     lean = LeanELBO(model, guide)
     with pyro.settings.context(module_local_params=True):
-        model.kl_weight = 0.1
         lean.mean_only = True
-        value = lean.differentiable_loss(inputs, targets)
+        value = lean.differentiable_loss(inputs, targets, kl_weight=0.1)
         log_lik, kl = lean.last_terms
         # the same point through a delta guide placed at μ: -(N/B) Σ log p(y | μ) - β log p(μ)
         mean = {k: v.detach() for k, v in guide.median().items()}

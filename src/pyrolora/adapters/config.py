@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pyrolora.errors import ConfigError
+from pyrolora.validation import positive, positive_int
 
 __all__ = ["ALL_LINEAR", "SVD_CONVENTION", "LoraXSConfig"]
 
@@ -39,7 +39,7 @@ class LoraXSConfig:
             default covers BERT/RoBERTa (``layer``), Llama (``layers``) and GPT-2 (``h``).
         dropout: adapter dropout p in [0, 1): the update branch reads ``dropout(x)``, i.e.
             ``(alpha / rank) * B R A dropout(x)`` (see :class:`~pyrolora.adapters.layer.LoraXSLinear`). Active in
-            training and under :func:`pyrolora.baselines.mc_dropout`; it gives MC dropout to backbones without
+            training and under ``mc_dropout`` (pyrolora.runs.methods.dropout); it gives MC dropout to backbones without
             dropout (Llama). Default 0: no dropout module.
 
     Raises:
@@ -54,17 +54,8 @@ class LoraXSConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}; the paper uses 2 to 25.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
-            raise ConfigError(f"alpha must be a number, got {self.alpha!r}.")
-        try:
-            finite = math.isfinite(self.alpha)
-        except OverflowError:  # an integer beyond float range
-            finite = False
-        if not finite or self.alpha <= 0:
-            raise ConfigError(f"alpha must be a positive finite number, got {self.alpha!r}; the paper uses 16.")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        positive_int(self.rank, "rank", hint="the paper uses 2 to 25")
+        object.__setattr__(self, "alpha", positive(self.alpha, "alpha", hint="the paper uses 16"))
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:

@@ -70,7 +70,7 @@ class LoraXSLinear(nn.Module):
 
     Adapter dropout (``dropout = p > 0``): the update branch reads ``dropout(x)`` instead of ``x``, i.e.
     ``y = base(x) + (alpha / r) · B R A dropout(x)``, with an ``nn.Dropout`` (active in train mode, so during
-    :func:`pyrolora.fit`; in eval mode only inside :func:`pyrolora.baselines.mc_dropout`). It gives MC dropout
+    :func:`pyrolora.fit`; in eval mode only inside ``runs.methods.dropout.mc_dropout``). It gives MC dropout
     to backbones trained without dropout (Llama). With ``p = 0`` there is no dropout module at all.
 
     Batched posterior samples: if the value has shape (S, r, r), the input's leading dimension must be S·B with

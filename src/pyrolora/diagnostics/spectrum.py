@@ -171,7 +171,7 @@ def covariance_spectrum(
     """
     if draws is None:
         if guide is not None and model is not None:
-            from pyrolora.inference.guides import setup
+            from pyrolora.inference.families import setup
 
             setup(guide, model)
         cov = fitted_covariance(guide) if guide is not None else None

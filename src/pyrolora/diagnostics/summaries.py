@@ -39,7 +39,7 @@ from torch import nn
 
 from pyrolora.diagnostics.convert import pointwise
 from pyrolora.errors import ConfigError
-from pyrolora.inference.guides import setup
+from pyrolora.inference.families import setup
 from pyrolora.models import BayesianLoraModel
 
 if TYPE_CHECKING:

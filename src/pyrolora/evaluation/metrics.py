@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["accuracy", "brier", "ece", "entropy", "mcc", "nll", "rank_correlation", "reliability"]
+__all__ = ["accuracy", "brier", "ece", "entropy", "mcc", "nll", "rank_correlation", "reliability", "summary"]
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence
 
@@ -116,3 +116,35 @@ def rank_correlation(a: ArrayLike, b: ArrayLike) -> float:
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"rank_correlation needs two 1-D arrays of equal length, got {x.shape} and {y.shape}")
     return float(spearmanr(x, y).statistic)
+
+
+def summary(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    n_bins: int = 15,
+    human_probs: ArrayLike | None = None,
+    keys: Sequence[str] = ("accuracy", "ece", "nll", "brier", "mcc"),
+) -> dict[str, float]:
+    """The metrics every report of pyrolora shows, of averaged probabilities (N, C) against labels (N,).
+
+    Returns ``{"accuracy", "ece", "nll", "brier", "mcc", "num_examples"}`` (only the listed ``keys`` of the
+    first five), plus ``"spearman_human_disagreement"`` when ``human_probs`` (N, C), the distribution of human
+    ratings, is given: the rank correlation between the predictive entropy ``H[p(y|x)]`` and the entropy of the
+    human label distribution (do the model and the raters find the same items hard?).
+    """
+    functions = {
+        "accuracy": accuracy,
+        "ece": lambda p, y: ece(p, y, n_bins=n_bins),
+        "nll": nll,
+        "brier": brier,
+        "mcc": mcc,
+    }
+    unknown = sorted(set(keys) - set(functions))
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(functions)}.")
+    result: dict[str, float] = {key: functions[key](probs, labels) for key in keys}
+    result["num_examples"] = len(labels)
+    if human_probs is not None:
+        result["spearman_human_disagreement"] = rank_correlation(entropy(probs), entropy(human_probs))
+    return result

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from pyrolora.errors import ConfigError, DivergenceError
 from pyrolora.inference.latent import PointStart, collect_batches, full_data_loss
+from pyrolora.inference.svi import fit
 
 __all__ = ["Laplace"]
 
@@ -106,8 +107,6 @@ class Laplace(PointStart):
 
     def fit_posterior(self, model: nn.Module, data: Iterable[Any], **fit_kwargs: Any):
         """MAP training with :func:`pyrolora.fit` (``fit_kwargs`` as there), then :meth:`compute` on ``data``."""
-        from pyrolora.inference.svi import fit
-
         # The Hessian is that of the untempered negative log joint, so the MAP must be its mode: β = 1 unless the
         # caller asks for another (fit's default β = 0.1 is the variational recipe's, not Laplace's).
         fit_kwargs.setdefault("kl_weight", 1.0)

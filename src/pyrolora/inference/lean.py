@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributions import biject_to
 
 from pyrolora.errors import ConfigError
+from pyrolora.inference.families import PointMass
 from pyrolora.models import BayesianLoraModel
 from pyrolora.models.priors import IsotropicNormal
 
@@ -63,8 +64,6 @@ def supports(model: nn.Module, guide: nn.Module) -> bool:
         if type(guide).sample_latent is not autoguide.AutoContinuous.sample_latent:
             return False
     elif isinstance(guide, autoguide.AutoDelta):
-        from pyrolora.inference.guides import PointMass  # lazy: guides imports the modules that import this one
-
         if type(guide).forward not in (autoguide.AutoDelta.forward, PointMass.forward):
             return False
     else:
@@ -156,7 +155,7 @@ class LeanELBO:
             return torch.distributions.Normal(prior.loc, prior.scale, validate_args=False).log_prob(theta).sum()
         return sum(prior(name, shape).log_prob(values[name]) for name, shape in self.shapes.items())
 
-    def _particle(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    def _particle(self, inputs: Any, targets: torch.Tensor, kl_weight: float) -> torch.Tensor:
         model = self.model
         values, log_q, theta = self._draw()
         with self.autocast():
@@ -173,22 +172,25 @@ class LeanELBO:
         # path does it through its validation): a label outside the classes must fail, not index garbage.
         model.likelihood.distribution(out)._validate_sample(targets)
         log_lik = (model.likelihood.log_prob(out, targets) * (model.dataset_size / batch)).sum()  # as the plate
-        kl_weight = model.kl_weight  # β: -E[log p(y|θ)] + β (log q(θ) - log p(θ)), as the scaled Pyro sites
+        # β: -E[log p(y|θ)] + β (log q(θ) - log p(θ)), as fit's scaled Pyro sites
         kl = log_q - self._log_prior(values, theta)
         self._terms.append((log_lik.detach(), kl.detach() if isinstance(kl, torch.Tensor) else torch.tensor(kl)))
         return -(log_lik - kl_weight * kl)
 
-    def differentiable_loss(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
-        """The negative ELBO estimate, averaged over ``num_particles`` draws, as a differentiable scalar."""
+    def differentiable_loss(self, inputs: Any, targets: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+        """The negative ELBO estimate, averaged over ``num_particles`` draws, as a differentiable scalar.
+
+        ``kl_weight`` is β of ``-E_q[log p(y|θ)] + β E_q[log q(θ) - log p(θ)]`` (1: the ELBO).
+        """
         if targets is None:
             raise ConfigError("fit needs targets: every training batch must be an (inputs, targets) pair.")
         self._terms: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self.mean_only and not self._joint:
             raise ConfigError("mean_only applies to joint Gaussian guides (lowrank, diagonal, full), not a point mass.")
         with pyro.settings.context(module_local_params=True):
-            total = self._particle(inputs, targets)
+            total = self._particle(inputs, targets, kl_weight)
             for _ in range(self.num_particles - 1):
-                total = total + self._particle(inputs, targets)
+                total = total + self._particle(inputs, targets, kl_weight)
         n = len(self._terms)
         self.last_terms = (sum(t[0] for t in self._terms) / n, sum(t[1] for t in self._terms) / n)
         return total / self.num_particles

@@ -24,15 +24,16 @@ from pyro.infer.mcmc import NUTS as _NUTSKernel
 from torch import nn
 
 from pyrolora.errors import ConfigError
+from pyrolora.inference.families import setup
 from pyrolora.inference.latent import PointStart, collect_batches, full_data_loss, unpack_draws
+from pyrolora.inference.svi import FitResult, fit
+from pyrolora.validation import positive_int
 
 __all__ = ["NUTS"]
 
 
 def _positive_int(value: Any, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"nuts {what} must be an integer >= {minimum}, got {value!r}.")
-    return value
+    return positive_int(value, f"nuts {what}", minimum)
 
 
 class NUTS(PointStart):
@@ -194,8 +195,6 @@ class NUTS(PointStart):
         Returns a :class:`~pyrolora.inference.FitResult` whose losses are the MAP stage's and whose
         ``seconds`` include sampling.
         """
-        from pyrolora.inference.svi import FitResult, fit
-
         if fit_kwargs.get("num_epochs") is not None or fit_kwargs.get("num_steps") is not None:
             with self.map_stage():
                 # the chains sample the untempered posterior: start them at its mode (β = 1 unless asked otherwise)
@@ -204,8 +203,6 @@ class NUTS(PointStart):
         else:
             result = FitResult(dataset_size=getattr(model, "dataset_size", 1))
             if self.prototype_trace is None:
-                from pyrolora.inference.guides import setup
-
                 setup(self, model)
         begin = time.perf_counter()
         chain_data = data if sample_data is None else sample_data

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pyrolora.errors import ConfigError
 from pyrolora.inference import distributed
 from pyrolora.inference.batches import check_batches, split_batch, to_device
-from pyrolora.inference.guides import setup
+from pyrolora.inference.families import setup
 from pyrolora.inference.precision import Precision, autocast, compiled_outputs
 from pyrolora.models import BayesianLoraModel
 

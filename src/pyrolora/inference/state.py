@@ -12,7 +12,7 @@ from torch import nn
 
 from pyrolora._atomic import umask_mode
 from pyrolora.errors import RunFolderError
-from pyrolora.inference.guides import setup
+from pyrolora.inference.families import setup
 from pyrolora.models import BayesianLoraModel
 
 __all__ = ["load_state", "save_state"]

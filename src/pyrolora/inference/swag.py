@@ -39,6 +39,8 @@ from torch import nn
 
 from pyrolora.errors import ConfigError, SWAGWarning
 from pyrolora.inference.latent import PointStart
+from pyrolora.inference.svi import FitResult, _num_batches, fit, resolve_steps
+from pyrolora.validation import positive_int
 
 __all__ = ["SWAG", "collection_frequency"]
 
@@ -47,9 +49,7 @@ _VAR_FLOOR = 1e-12
 
 
 def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"swag {what} must be a positive integer, got {value!r}.")
-    return value
+    return positive_int(value, f"swag {what}")
 
 
 def collection_frequency(collect_steps: int, rank: int, epoch_steps: int | None) -> int:
@@ -221,15 +221,8 @@ class SWAG(PointStart):
         ``num_epochs`` / ``num_steps`` count both stages; the other arguments are :func:`pyrolora.fit`'s.
         Previously collected iterates are discarded.
         """
-        from pyrolora.inference.svi import FitResult, _num_batches, fit
-
         batches = _num_batches(data)
-        if (num_epochs is None) == (num_steps is None):
-            raise ConfigError("give exactly one of num_epochs and num_steps.")
-        if num_steps is None:
-            if batches is None or num_epochs is None or num_epochs <= 0:
-                raise ConfigError("num_epochs must be positive and needs data with a length; else pass num_steps.")
-            num_steps = max(1, math.ceil(num_epochs * batches))
+        num_steps = resolve_steps(data, num_epochs, num_steps)  # both stages together, as fit counts them
         pre = round(self.start * num_steps) if self.start < 1 else int(self.start)
         if pre >= num_steps:
             raise ConfigError(f"swag start={self.start!r} leaves no step for collection out of {num_steps}; lower it.")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import pyro
 import torch
-from pyro import poutine
 from torch import nn
 
 from pyrolora.adapters import HEAD_MODULE_NAMES, AdapterSet
@@ -98,8 +96,6 @@ class BayesianLoraModel(nn.Module):
         self.backbone = backbone
         self.adapters = adapters
         self.prior = pri.resolve(prior)
-        #: β, the weight of the KL term in the ELBO; set per step by :func:`pyrolora.fit` (``kl_weight``).
-        self.kl_weight = 1.0
         self.likelihood = likelihood if likelihood is not None else lik.Categorical()
         if not isinstance(self.likelihood, lik.Likelihood):
             raise ConfigError(f"likelihood must be a pyrolora Likelihood, got {type(self.likelihood).__name__}.")
@@ -165,13 +161,10 @@ class BayesianLoraModel(nn.Module):
 
         A prior with latent hyperparameters (a ``sample_hyperparameters(site_names)`` method) samples them first.
         """
-        with contextlib.ExitStack() as stack:
-            if self.kl_weight != 1.0:  # β of the KL term (see :func:`pyrolora.fit`): scales log p(θ) here
-                stack.enter_context(poutine.scale(scale=self.kl_weight))
-            hyper = getattr(self.prior, "sample_hyperparameters", None)
-            if hyper is not None:
-                hyper(tuple(self.adapters.shapes))
-            return {name: pyro.sample(name, self.prior(name, shape)) for name, shape in self.adapters.shapes.items()}
+        hyper = getattr(self.prior, "sample_hyperparameters", None)
+        if hyper is not None:
+            hyper(tuple(self.adapters.shapes))
+        return {name: pyro.sample(name, self.prior(name, shape)) for name, shape in self.adapters.shapes.items()}
 
     def prior_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the prior (e.g. :class:`~pyrolora.models.priors.EmpiricalBayes`'s log σ)."""

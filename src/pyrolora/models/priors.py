@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from pyrolora.errors import ConfigError
+from pyrolora.validation import positive
 
 __all__ = [
     "DEFAULT_SCALE",
@@ -53,10 +54,7 @@ class Prior(Protocol):
     def __call__(self, site_name: str, shape: tuple[int, ...]) -> dist.Distribution: ...
 
 
-def _positive(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{what} must be a positive finite number, got {value!r}.")
-    return float(value)
+_positive = positive  # the checks of every number a user passes in: pyrolora.validation
 
 
 class IsotropicNormal(nn.Module):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pyrolora.errors import ConfigError, RunFolderError
+from pyrolora.runs.folder import CONFIG_FILE
 
 __all__ = ["DiagnoseResult", "diagnose", "format_site_table", "guide_label", "report_columns"]
 
@@ -126,11 +127,12 @@ def diagnose(
     pareto_samples: int = 0,
     seed: int = 0,
     progress: bool = True,
+    device: str | None = None,
 ) -> DiagnoseResult:
     """Load a run folder, compute every diagnostic and write the report, the pictures and the netCDF file.
 
     Args:
-        run_dir: a folder written by ``pyrolora train`` (:func:`pyrolora.experiment.save_run`).
+        run_dir: a folder written by ``pyrolora train`` (:func:`pyrolora.runs.build.save_run`).
         out: output folder; default ``run_dir/diagnostics``.
         split: the split of the run's task for calibration, log-likelihoods and predictive checks.
         max_examples: use the first ``max_examples`` examples of ``split`` (``None``: all). The
@@ -141,6 +143,7 @@ def diagnose(
             **whole training split** (see :mod:`pyrolora.diagnostics.summaries`).
         seed: seed of every draw.
         progress: progress bars.
+        device: where the run is loaded and predicts (``"auto"``: CUDA when present); default the CPU.
     """
     import arviz as az
 
@@ -149,12 +152,12 @@ def diagnose(
     from pyrolora.diagnostics.spectrum import covariance_spectrum
     from pyrolora.diagnostics.summaries import pareto_k, site_summary
     from pyrolora.evaluation.plots import reliability_diagram
-    from pyrolora.experiment import evaluate, load_run
+    from pyrolora.runs.build import evaluate, load_run
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "diagnostics"
     started = time.perf_counter()
-    run = load_run(run_dir)
+    run = load_run(run_dir, device=device)
     if split not in run.splits:
         raise ConfigError(f"unknown split {split!r}; the run's task has {sorted(run.splits)}.")
     data = run.splits[split]
@@ -321,6 +324,6 @@ def _markdown(
 def check_run_dir(run_dir: str | Path) -> Path:
     """Raise :class:`RunFolderError` early when ``run_dir`` is not a run folder."""
     path = Path(run_dir)
-    if not (path / "config.json").is_file():
-        raise RunFolderError(f"{path} is not a pyrolora run folder (no config.json); make one with `pyrolora train`.")
+    if not (path / CONFIG_FILE).is_file():
+        raise RunFolderError(f"{path} is not a pyrolora run folder (no {CONFIG_FILE}); make one with `pyrolora train`.")
     return path

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyrolora.config import RunConfig
 from pyrolora.evaluation.plots import reliability_diagram
-from pyrolora.experiment import evaluate, load_task, save_run, train
+from pyrolora.runs.build import evaluate, load_task, save_run, train
+from pyrolora.runs.config import RunConfig
 
 __all__ = ["DEMO_CONFIG", "format_table", "run_demo"]
 

@@ -2,8 +2,8 @@
 
 :class:`TrainingLogger` is a ``callback`` for :func:`pyrolora.fit`; it never changes training. Its KL estimate
 and the validation predictions run on forked random-number generators, so a run with logging takes exactly the
-same steps (bit-identical losses) as one without. ``experiment.train`` builds one from the ``[log]`` section of
-the run configuration (:class:`pyrolora.config.LogSpec`).
+same steps (bit-identical losses) as one without. ``runs.build.train`` builds one from the ``[log]`` section of
+the run configuration (:class:`pyrolora.runs.config.LogSpec`).
 
 Logged per step (every ``every`` steps and the last one):
 
@@ -30,15 +30,13 @@ from pyro import poutine
 from torch import nn
 
 from pyrolora.errors import ConfigError
-from pyrolora.inference.guides import setup
+from pyrolora.inference.families import setup
 from pyrolora.inference.svi import make_schedule
 from pyrolora.models import BayesianLoraModel
+from pyrolora.runs.folder import CSV_NAME, TENSORBOARD_DIR
 
 __all__ = ["CSV_NAME", "TENSORBOARD_DIR", "TrainingLogger", "kl_estimate", "learning_rates", "steps_for"]
 
-#: File and folder names inside the run folder.
-CSV_NAME = "train_log.csv"
-TENSORBOARD_DIR = "tensorboard"
 
 _TRAIN_COLUMNS = ("step", "epoch", "seconds", "loss", "elbo", "elbo_per_example", "kl", "lr", "head_lr")
 

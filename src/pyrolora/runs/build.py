@@ -7,12 +7,14 @@ This is the one place where every room of the package is composed. A run folder 
     fit.json             loss history and timing
     metrics.json         evaluation results (after evaluate)
     manifest.json        size and SHA-256 of every file, base-model fingerprint, adapter rank / targets / sites
-                         (written last, checked first: see :mod:`pyrolora.runfolder`)
+                         (written last, checked first: see :mod:`pyrolora.runs.folder`)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,6 @@ from torch import nn
 from pyrolora._atomic import atomic_path, write_json
 from pyrolora._version import __version__
 from pyrolora.adapters import inject_adapters
-from pyrolora.backbones import check_tokenizer, input_length_limit, load_sequence_classifier, load_tokenizer
-from pyrolora.config import RunConfig, TaskSpec
 from pyrolora.data import ClassificationSplit, TokenizedLoader, vader_splits
 from pyrolora.data.mcqa import MultipleChoiceLoader, MultipleChoiceSplit
 from pyrolora.errors import ConfigError, RunFolderError
@@ -33,14 +33,21 @@ from pyrolora.inference import FitResult, Prediction, distributed, guides, predi
 from pyrolora.inference.posterior import fit_posterior
 from pyrolora.inference.state import load_state, save_state
 from pyrolora.models import BayesianLoraModel
-from pyrolora.runfolder import MANIFEST_FILE, check_model, verify_files, write_manifest
+from pyrolora.models.backbones import check_tokenizer, input_length_limit, load_sequence_classifier, load_tokenizer
+from pyrolora.runs.config import RunConfig, TaskSpec
+from pyrolora.runs.device import resolve_device
+from pyrolora.runs.folder import (
+    CONFIG_FILE,
+    FIT_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    check_model,
+    verify_files,
+    write_manifest,
+)
 
 __all__ = ["Evaluation", "Run", "build", "evaluate", "load_run", "load_task", "save_run", "train"]
-
-CONFIG_FILE = "config.json"
-STATE_FILE = "state.safetensors"
-FIT_FILE = "fit.json"
-METRICS_FILE = "metrics.json"
 
 
 def load_task(spec: TaskSpec) -> dict[str, ClassificationSplit]:
@@ -162,7 +169,7 @@ def build(config: RunConfig, splits: dict[str, ClassificationSplit] | None = Non
 
 
 def _training_logger(run: Run, log_dir: str | Path | None) -> Any:
-    """The :class:`~pyrolora.tracking.TrainingLogger` the ``[log]`` section asks for, or ``None``.
+    """The :class:`~pyrolora.runs.tracking.TrainingLogger` the ``[log]`` section asks for, or ``None``.
 
     With ``[log] csv`` or ``tensorboard`` enabled, ``train(..., log_dir=RUN_DIR)`` logs every step there.
     """
@@ -171,7 +178,7 @@ def _training_logger(run: Run, log_dir: str | Path | None) -> Any:
         return None
     if log_dir is None:
         raise ConfigError("[log] enables csv or tensorboard logs; pass log_dir (the run folder) to train().")
-    from pyrolora.tracking import TrainingLogger, learning_rates, steps_for
+    from pyrolora.runs.tracking import TrainingLogger, learning_rates, steps_for
 
     t = run.config.train
     steps_per_epoch = -(-len(run.splits["train"]) // t.batch_size)
@@ -184,12 +191,9 @@ def _training_logger(run: Run, log_dir: str | Path | None) -> Any:
         def validate() -> dict[str, float]:
             p = run.config.predict
             mean = predict(run.model, run.guide, val_loader, num_samples=spec.validation_samples, seed=0).mean
-            return {
-                "accuracy": metrics.accuracy(mean, val_split.labels),
-                "ece": metrics.ece(mean, val_split.labels, n_bins=p.n_bins),
-                "nll": metrics.nll(mean, val_split.labels),
-                "brier": metrics.brier(mean, val_split.labels),
-            }
+            keys = ("accuracy", "ece", "nll", "brier")  # the validation columns of the training log
+            summary = metrics.summary(mean, val_split.labels, n_bins=p.n_bins, keys=keys)
+            return {key: summary[key] for key in keys}
 
     return TrainingLogger(
         log_dir,
@@ -232,6 +236,7 @@ def fit_run(run: Run, *, progress: bool = True, **extra: Any) -> FitResult:
         # the posterior temperature is chosen on the held-out validation split (variational guides only)
         validation=run.loader("validation") if "validation" in run.splits else None,
         temperatures=t.temperatures,
+        precision=t.precision,
         **extra,
     )
 
@@ -245,8 +250,14 @@ def train(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    device: str | None = None,
+    check: Callable[[Run], None] | None = None,
 ) -> Run:
-    """Build a run and fit its guide and head on the ``train`` split.
+    """Build a run, move it to its device and fit its guide and head on the ``train`` split.
+
+    ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...) overrides ``[train] device``; under torchrun
+    every process uses its own GPU (``cuda:LOCAL_RANK``) or the CPU. ``check(run)`` may refuse the built run
+    before anything is trained.
 
     With ``checkpoint_dir``, the run's ``config.json`` and periodic training checkpoints are written there
     (see :mod:`pyrolora.inference.checkpoint`); ``resume=True`` continues from the checkpoint in that folder,
@@ -256,8 +267,12 @@ def train(
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs the checkpoint_dir of the interrupted run.")
     run = build(config, splits)
+    if check is not None:  # the method's own refusal (e.g. MC dropout without dropout layers), before training
+        check(run)
     if distributed.is_distributed():  # under torchrun: one device per process (cuda:LOCAL_RANK on a GPU machine)
         run.model.to(distributed.device())
+    else:
+        run.model.to(resolve_device(device or config.train.device))
     logger = _training_logger(run, log_dir)
     run.fit_result = fit_run(
         run,
@@ -288,7 +303,7 @@ def _prepare_checkpoints(config: RunConfig, directory: str | Path, resume: bool)
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"cannot create the output folder {directory}: {err}") from err
-        _write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **config.to_dict()})
+        write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **config.to_dict()})
         return None
     if not checkpoint.is_file():
         raise RunFolderError(
@@ -299,6 +314,8 @@ def _prepare_checkpoints(config: RunConfig, directory: str | Path, resume: bool)
     except (OSError, json.JSONDecodeError) as err:
         raise RunFolderError(f"cannot read {directory / CONFIG_FILE} of the interrupted run: {err}") from err
     saved.pop("pyrolora_version", None)
+    with contextlib.suppress(ConfigError):  # keys added since (with their defaults) are no change
+        saved = RunConfig.from_dict(saved).to_dict()
     if saved != config.to_dict():
         now = config.to_dict()
         changed = [f"{s}.{k}" for s in now for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
@@ -330,27 +347,17 @@ def evaluate(
     data = run.splits[split] if isinstance(split, str) else split
     p = run.config.predict
     prediction = predict(
-        run.model, run.guide, run.loader(data), num_samples=p.num_samples, seed=seed, progress=progress
+        run.model,
+        run.guide,
+        run.loader(data),
+        num_samples=p.num_samples,
+        seed=seed,
+        progress=progress,
+        precision=run.config.train.precision,
     )
     probs, labels = prediction.mean, data.labels
-    result = {
-        "accuracy": metrics.accuracy(probs, labels),
-        "ece": metrics.ece(probs, labels, n_bins=p.n_bins),
-        "nll": metrics.nll(probs, labels),
-        "brier": metrics.brier(probs, labels),
-        "mcc": metrics.mcc(probs, labels),
-        "num_examples": len(data),
-    }
-    if data.human_probs is not None:
-        result["spearman_human_disagreement"] = metrics.rank_correlation(
-            metrics.entropy(probs), metrics.entropy(data.human_probs)
-        )
+    result = metrics.summary(probs, labels, n_bins=p.n_bins, human_probs=data.human_probs)
     return Evaluation(result, prediction, np.asarray(labels), data.human_probs)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    write_json(path, data)
 
 
 def save_run(run: Run, directory: str | Path) -> Path:
@@ -363,13 +370,13 @@ def save_run(run: Run, directory: str | Path) -> Path:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_FILE).unlink(missing_ok=True)  # until the new one is written, the folder reads as unsaved
-    _write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **run.config.to_dict()})
+    write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **run.config.to_dict()})
     with atomic_path(directory / STATE_FILE) as tmp:
         save_state(tmp, run.model, run.guide)
     files = [CONFIG_FILE, STATE_FILE]
     if run.fit_result is not None:
         r = run.fit_result
-        _write_json(
+        write_json(
             directory / FIT_FILE,
             {
                 "num_steps": r.num_steps,
@@ -380,13 +387,13 @@ def save_run(run: Run, directory: str | Path) -> Path:
         )
         files.append(FIT_FILE)
     if run.metrics:
-        _write_json(directory / METRICS_FILE, run.metrics)
+        write_json(directory / METRICS_FILE, run.metrics)
         files.append(METRICS_FILE)
     write_manifest(directory, files, run.model, run.guide, base_model=run.config.model.name)
     return directory
 
 
-def load_run(directory: str | Path, *, model_name: str | None = None) -> Run:
+def load_run(directory: str | Path, *, model_name: str | None = None, device: str | None = None) -> Run:
     """Rebuild a saved run: same backbone, adapters, model and guide, with the saved posterior and head.
 
     Every file is checked against the manifest first (size and SHA-256), and the rebuilt model against the
@@ -396,6 +403,7 @@ def load_run(directory: str | Path, *, model_name: str | None = None) -> Run:
         directory: the run folder.
         model_name: load the base model from here instead of the name in the run's config (e.g. a local copy);
             its adapted weights must be the ones the run was trained on.
+        device: where the rebuilt run lives (``"auto"``: CUDA when present; default the CPU).
 
     Raises:
         RunFolderError: the folder is incomplete, a file is truncated or corrupt, or the model does not match.
@@ -414,6 +422,8 @@ def load_run(directory: str | Path, *, model_name: str | None = None) -> Run:
         config = config.replace(model={"name": model_name})
     run = build(config)
     check_model(manifest, run.model, directory)
+    if device is not None:
+        run.model.to(resolve_device(device))
     load_state(directory / STATE_FILE, run.model, run.guide)
     fit_path = directory / FIT_FILE
     if fit_path.is_file():

@@ -1,11 +1,11 @@
 """Uncertainty evaluation of a run: decomposition, selective prediction, OOD detection, agreement with raters.
 
-Composes a trained run (:mod:`pyrolora.experiment`) with the Pyro-free metrics of
+Composes a trained run (:mod:`pyrolora.runs.build`) with the Pyro-free metrics of
 :mod:`pyrolora.evaluation.uncertainty`. The only method-specific piece is a *probability function*: a callable
 that maps a :class:`~pyrolora.data.ClassificationSplit` to per-sample probabilities of shape (S, N, C). For a
 Bayesian run it draws S posterior samples (:func:`run_probs`); an ensemble stacks its members' softmax outputs,
 MC dropout its S stochastic passes. Everything downstream is the same for all of them.
-:func:`pyrolora.trained.load_trained` gives this function (``Trained.probs``) for the run folder of every method.
+:func:`pyrolora.runs.trained.load_trained` gives this function (``Trained.probs``) for the run folder of every method.
 
 ``pyrolora evaluate RUN_DIR --ood DATA`` writes into the run folder::
 
@@ -25,8 +25,9 @@ import torch
 
 from pyrolora.data import ClassificationSplit
 from pyrolora.evaluation.uncertainty import uncertainty_report
-from pyrolora.experiment import Run, _write_json
 from pyrolora.inference import predict
+from pyrolora.runs.build import Run
+from pyrolora.runs.folder import PLOT_FILE, UNCERTAINTY_FILE, write_json
 
 __all__ = [
     "PLOT_FILE",
@@ -38,8 +39,6 @@ __all__ = [
     "save_uncertainty",
 ]
 
-UNCERTAINTY_FILE = "uncertainty.json"
-PLOT_FILE = "accuracy_coverage.png"
 
 #: split -> per-sample probabilities (S, N, C).
 ProbsFn = Callable[[ClassificationSplit], torch.Tensor]
@@ -51,7 +50,7 @@ def run_probs(run: Run, *, num_samples: int | None = None, seed: int = 0, progre
     Args:
         run: a trained or loaded run.
         num_samples: S; default the run's ``predict.num_samples``.
-        seed: seed of the posterior draws; with the default 0 they are the draws :func:`pyrolora.experiment.evaluate`
+        seed: seed of the posterior draws; with the default 0 they are the draws :func:`pyrolora.runs.build.evaluate`
             uses, so the in-distribution and OOD predictions come from the same S models.
         progress: progress bars over batches.
     """
@@ -84,7 +83,7 @@ def evaluate_uncertainty(
         probs_fn: the method's probability function (see the module docstring).
         split: the in-distribution evaluation split; its ``human_probs``, if any, give rater disagreement.
         ood: shifted data (labels unused): unlabelled texts (see :mod:`pyrolora.data.texts`), another split of
-            the task, or another task's split (:func:`pyrolora.trained.shifted_data`). Multiple-choice questions
+            the task, or another task's split (:func:`pyrolora.runs.trained.shifted_data`). Multiple-choice questions
             with a different number of options are compared with the missing options at probability 0.
         probs: already computed per-sample probabilities on ``split``, shape (S, N, C), to skip predicting again.
     """
@@ -106,6 +105,6 @@ def save_uncertainty(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / UNCERTAINTY_FILE
-    _write_json(json_path, {**(info or {}), **report})
+    write_json(json_path, {**(info or {}), **report})
     plot_path = accuracy_coverage_plot({title or directory.name: report}, directory / PLOT_FILE)
     return json_path, plot_path

@@ -3,7 +3,7 @@
 :func:`load_trained` reads the folder's ``config.json``, rebuilds what the method needs and returns a
 :class:`Trained`, whose :meth:`~Trained.probs` maps any split of the task (or of another task of the same kind,
 see :meth:`~Trained.use_task`) to per-sample probabilities of shape (S, N, C): the
-:data:`~pyrolora.uncertainty.ProbsFn` that ``pyrolora evaluate`` and the uncertainty report share.
+:data:`~pyrolora.runs.report.ProbsFn` that ``pyrolora evaluate`` and the uncertainty report share.
 
 - ``bayesian``: a ``save_run`` folder (manifest, state); S = ``predict.num_samples`` posterior draws (seed 0), or
   1 for a point mass (``delta``: S draws would be S copies).
@@ -18,9 +18,6 @@ Every row comes from the same computation the runner used when it trained the me
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyrolora.baselines import mc_dropout, predict_point
-from pyrolora.config import RunConfig
 from pyrolora.data import ClassificationSplit
 from pyrolora.errors import ConfigError, RunFolderError
-from pyrolora.evaluation import metrics
-from pyrolora.experiment import CONFIG_FILE, STATE_FILE, Run, load_run, load_task
-from pyrolora.inference import draws_needed, predict
-from pyrolora.inference.state import load_state
-from pyrolora.runfolder import MANIFEST_FILE, check_model, verify_files
+from pyrolora.runs.build import Run, load_task
+from pyrolora.runs.config import RunConfig
+from pyrolora.runs.device import resolve_device
+from pyrolora.runs.folder import read_config
+from pyrolora.runs.methods import METHODS, Fitted, get
+from pyrolora.runs.runner import split_metrics
 
 __all__ = ["METHODS", "Trained", "load_trained", "other_task_splits", "shifted_data", "split_metrics"]
-
-#: The methods whose run folders :func:`load_trained` reads.
-METHODS = ("bayesian", "mc_dropout", "ensemble", "peft_lora")
 
 
 @dataclass
@@ -49,18 +42,25 @@ class Trained:
     """A trained method loaded from its run folder: a probability function over the splits of its task.
 
     Attributes:
-        config: the folder's configuration (``method.name`` says which method).
-        run: the rebuilt run that lends tokenizer, loaders and splits (for an ensemble, the shared model into
-            which each member's posterior is loaded in turn; for peft LoRA, the backbone with peft's layers).
+        fitted: the method's trained model (:class:`~pyrolora.runs.methods.Fitted`).
         directory: the run folder.
     """
 
-    config: RunConfig
-    run: Run
+    fitted: Fitted
     directory: Path
-    _members: tuple[Path, ...] = ()
     progress: bool = False
     other_task: str | None = None  # set by use_task
+
+    @property
+    def config(self) -> RunConfig:
+        """The folder's configuration (``method.name`` says which method)."""
+        return self.fitted.config
+
+    @property
+    def run(self) -> Run:
+        """The rebuilt run that lends tokenizer, loaders and splits (for an ensemble, the shared model into which
+        each member's posterior is loaded in turn; for peft LoRA, the backbone with peft's layers)."""
+        return self.fitted.run
 
     @property
     def task(self) -> str:
@@ -79,32 +79,17 @@ class Trained:
     @property
     def description(self) -> str:
         """``"<folder> (<method>[, <guide>])"``, for tables and reports."""
-        detail = "" if self.method == "peft_lora" else f", {self.config.guide.name}"
+        detail = f", {self.config.guide.name}" if get(self.method).uses_guide else ""
         return f"{self.directory.name} ({self.method}{detail})"
 
     def probs(self, split: str | ClassificationSplit) -> torch.Tensor:
         """Per-sample probabilities (S, N, C) of a split of the task (a name or a split object).
 
-        A :data:`~pyrolora.uncertainty.ProbsFn`: pass ``trained.probs`` to
-        :func:`~pyrolora.uncertainty.evaluate_uncertainty`.
+        A :data:`~pyrolora.runs.report.ProbsFn`: pass ``trained.probs`` to
+        :func:`~pyrolora.runs.report.evaluate_uncertainty`.
         """
         data = self.splits[split] if isinstance(split, str) else split
-        if self.method == "peft_lora":
-            return predict_point(self.run.model.backbone, self.run.loader(data), progress=self.progress)[None]
-        if self.method == "ensemble":
-            means = []
-            for member in self._members:  # one shared model; each member's posterior and head loaded in turn
-                load_state(member / STATE_FILE, self.run.model, self.run.guide)
-                means.append(self._bma(data).mean(0))  # (N, C): the member's own BMA mean, as the runner's
-            return torch.stack(means)  # (M, N, C)
-        with mc_dropout(self.run.model.backbone) if self.method == "mc_dropout" else contextlib.nullcontext():
-            return self._bma(data)
-
-    def _bma(self, data: Any) -> torch.Tensor:
-        dropout = self.method == "mc_dropout"
-        s = draws_needed(self.run.guide, self.run.config.predict.num_samples, dropout=dropout)  # (a MAP: one draw)
-        loader = self.run.loader(data)
-        return predict(self.run.model, self.run.guide, loader, num_samples=s, seed=0, progress=self.progress).probs
+        return self.fitted.probs(data, progress=self.progress)
 
     def use_task(self, task: str) -> None:
         """Swap the splits for those of another task of the same kind (distribution shift).
@@ -210,56 +195,16 @@ def shifted_data(
     return data, {**source, "num_examples": len(data), "limit": limit}
 
 
-def split_metrics(probs: torch.Tensor, split: Any, n_bins: int = 15) -> dict[str, float]:
-    """Accuracy, ECE, NLL, Brier, MCC (and Spearman with rater disagreement) of averaged probabilities (N, C).
-
-    The same numbers as :func:`pyrolora.experiment.evaluate` for the same probabilities.
-    """
-    from pyrolora.runner import classification_metrics
-
-    labels = np.asarray(split.labels)
-    result = classification_metrics(probs, labels, n_bins)
-    if split.human_probs is not None:
-        result["spearman_human_disagreement"] = metrics.rank_correlation(
-            metrics.entropy(probs), metrics.entropy(split.human_probs)
-        )
-    return result
-
-
-def _read_config(directory: Path) -> RunConfig:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise RunFolderError(
-            f"{directory} has no {CONFIG_FILE}: it is not a run folder of `pyrolora train`, or training was "
-            "interrupted before it was saved (config.json is written last). Train it again."
-        )
-    try:
-        return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunFolderError(f"cannot read {path}: {err}") from err
-    except ConfigError as err:
-        raise RunFolderError(f"{path} is not a valid run configuration: {err}") from err
-
-
-def _member_folders(directory: Path, config: RunConfig) -> Iterator[Path]:
-    size = config.method.ensemble_size
-    for i in range(size):
-        member = directory / f"member-{i}"
-        if not (member / MANIFEST_FILE).is_file():
-            raise RunFolderError(
-                f"the ensemble in {directory} has {size} members, but {member} is missing or incomplete (no "
-                f"{MANIFEST_FILE}); copy the whole run folder, or train the ensemble again."
-            )
-        yield member
-
-
-def load_trained(directory: str | Path, *, model_name: str | None = None, progress: bool = False) -> Trained:
+def load_trained(
+    directory: str | Path, *, model_name: str | None = None, progress: bool = False, device: str | None = None
+) -> Trained:
     """Load the run folder of any method (see the module docstring) as a :class:`Trained`.
 
     Args:
-        directory: a folder written by ``pyrolora train`` (or :func:`pyrolora.runner.run_method` with ``out``).
+        directory: a folder written by ``pyrolora train`` (or :func:`pyrolora.runs.runner.run_method` with ``out``).
         model_name: load the base model from here instead of the name in the run's config (a local copy).
         progress: progress bars over prediction batches.
+        device: where to predict (``"auto"``: CUDA when present); default the CPU.
 
     Raises:
         RunFolderError: the folder is missing, incomplete or corrupt (the message names the file and the fix).
@@ -267,63 +212,9 @@ def load_trained(directory: str | Path, *, model_name: str | None = None, progre
     directory = Path(directory)
     if not directory.is_dir():
         raise RunFolderError(f"{directory} is not a folder; give the run folder written by `pyrolora train`.")
-    if (directory / MANIFEST_FILE).is_file():  # bayesian and mc_dropout: a save_run folder, checked in full
-        run = load_run(directory, model_name=model_name)
-        return Trained(run.config, run, directory, progress=progress)
-    config = _read_config(directory)
+    config = read_config(directory)
     if model_name is not None:
         config = config.replace(model={"name": model_name})
-    method = config.method.name
-    if method == "ensemble":
-        members = tuple(_member_folders(directory, config))
-        run = load_run(members[0], model_name=model_name)
-        for member in members[1:]:  # every member must fit the shared model before anything is predicted
-            check_model(verify_files(member), run.model, member)
-        return Trained(config, run, directory, members, progress=progress)
-    if method == "peft_lora":
-        return Trained(config, _load_peft_lora(directory, config), directory, progress=progress)
-    raise RunFolderError(
-        f"{directory} holds a config.json of method {method!r} but no {MANIFEST_FILE}: the run was not saved "
-        f"completely (the manifest is written last). Train it again."
-    )
-
-
-def _load_peft_lora(directory: Path, config: RunConfig) -> Run:
-    """Rebuild backbone, peft LoRA and head as the runner trained them, and load the saved tensors into them."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from pyrolora.runner import PEFT_LORA_FILE, PEFT_LORA_FORMAT, peft_lora_run
-
-    path = directory / PEFT_LORA_FILE
-    if not path.is_file():
-        raise RunFolderError(
-            f"{directory} is a peft LoRA run without {PEFT_LORA_FILE}; training was interrupted before it was "
-            "saved. Train it again."
-        )
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as handle:
-            fmt = (handle.metadata() or {}).get("format", PEFT_LORA_FORMAT)  # files of older versions had none
-    except Exception as err:  # OSError, or safetensors' own error on a corrupt or truncated file
-        raise RunFolderError(f"cannot read {path}: {err}; copy the run folder again.") from err
-    if fmt != PEFT_LORA_FORMAT:
-        raise RunFolderError(f"{path} has format {fmt!r}; this version of pyrolora reads {PEFT_LORA_FORMAT!r}.")
-    run, _, _ = peft_lora_run(config, load_task(config.task))
-    backbone = run.model.backbone
-    params = {n: p for n, p in backbone.named_parameters() if p.requires_grad}
-    if set(tensors) != set(params):
-        missing, extra = sorted(set(params) - set(tensors))[:3], sorted(set(tensors) - set(params))[:3]
-        raise RunFolderError(
-            f"{path} does not fit the model of its config.json (missing {missing}, unexpected {extra}); the "
-            "folder's files come from different runs. Train it again."
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            if tensors[name].shape != param.shape:
-                raise RunFolderError(
-                    f"{path}: {name} has shape {tuple(tensors[name].shape)}, the model's {tuple(param.shape)}."
-                )
-            param.copy_(tensors[name])
-    backbone.eval()
-    return run
+    where = None if device is None else resolve_device(device)
+    fitted = get(config.method.name).load(directory, config, model_name=model_name, device=where)
+    return Trained(fitted, directory, progress=progress)

@@ -3,8 +3,8 @@
 ``manifest.json`` lists every file of the run folder with its size and SHA-256, and describes the model the
 posterior belongs to: the base model's name and a fingerprint of its adapted weights (SHA-256 over the name,
 shape, dtype and bytes of the weight and bias of every adapted layer, see
-:func:`pyrolora.backbones.weights_fingerprint`), the adapter rank, alpha, target modules and sites, and the
-guide's class. :func:`pyrolora.experiment.save_run` writes it after every other file, so a folder whose saving
+:func:`pyrolora.models.backbones.weights_fingerprint`), the adapter rank, alpha, target modules and sites, and the
+guide's class. :func:`pyrolora.runs.build.save_run` writes it after every other file, so a folder whose saving
 was interrupted has no manifest, or one whose checksums do not match; loading refuses both. Nothing in a run
 folder is ever unpickled: JSON and safetensors only.
 
@@ -22,15 +22,55 @@ from torch import nn
 
 from pyrolora._atomic import file_sha256, write_json
 from pyrolora._version import __version__
-from pyrolora.backbones import weights_fingerprint
-from pyrolora.errors import RunFolderError
+from pyrolora.errors import ConfigError, RunFolderError
+from pyrolora.inference.checkpoint import CHECKPOINT_FILE
 from pyrolora.inference.state import load_state
 from pyrolora.models import BayesianLoraModel
+from pyrolora.models.backbones import weights_fingerprint
+from pyrolora.runs.config import RunConfig
 
-__all__ = ["MANIFEST_FILE", "adapted_weight_names", "check_model", "load_into", "verify_files", "write_manifest"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CONFIG_FILE",
+    "CSV_NAME",
+    "FIT_FILE",
+    "MANIFEST_FILE",
+    "METRICS_FILE",
+    "PEFT_LORA_FILE",
+    "PLOT_FILE",
+    "RESULT_FILE",
+    "STATE_FILE",
+    "TENSORBOARD_DIR",
+    "UNCERTAINTY_FILE",
+    "adapted_weight_names",
+    "check_model",
+    "load_into",
+    "member_folder",
+    "read_config",
+    "verify_files",
+    "write_json",
+    "write_manifest",
+]
 
+# Every name inside a run folder, in one place (the modules that write them import them from here).
+CONFIG_FILE = "config.json"  # the RunConfig and the package version
+STATE_FILE = "state.safetensors"  # guide parameters, head, fitted prior (bayesian, mc_dropout, ensemble members)
+FIT_FILE = "fit.json"  # loss history and timing
+METRICS_FILE = "metrics.json"  # evaluation results
+RESULT_FILE = "result.json"  # metrics, seconds and parameter counts of a runner or `pyrolora train` run
+PEFT_LORA_FILE = "peft_lora.safetensors"  # LoRA matrices and head of a peft_lora run
+PEFT_LORA_FORMAT = "pyrolora-peft-lora-1"
+UNCERTAINTY_FILE = "uncertainty.json"  # `pyrolora evaluate --uncertainty`
+PLOT_FILE = "accuracy_coverage.png"
+CSV_NAME = "train_log.csv"  # [log] csv
+TENSORBOARD_DIR = "tensorboard"  # [log] tensorboard
 MANIFEST_FILE = "manifest.json"
 FORMAT = "pyrolora-run-1"
+
+
+def member_folder(directory: str | Path, index: int) -> Path:
+    """The sub-folder of ensemble member ``index`` (0-based), itself a complete run folder."""
+    return Path(directory) / f"member-{index}"
 
 
 def adapted_weight_names(model: BayesianLoraModel) -> list[str]:
@@ -150,9 +190,29 @@ def load_into(directory: str | Path, model: BayesianLoraModel, guide: nn.Module)
     Returns:
         The manifest.
     """
-    from pyrolora.experiment import STATE_FILE
-
     manifest = verify_files(directory)
     check_model(manifest, model, directory)
     load_state(Path(directory) / STATE_FILE, model, guide)
     return manifest
+
+
+def read_config(directory: str | Path) -> RunConfig:
+    """The :class:`~pyrolora.runs.config.RunConfig` of a run folder's ``config.json``.
+
+    Raises:
+        RunFolderError: no ``config.json`` (not a run folder, or training stopped before it was written), or
+            one that cannot be read or is not a valid configuration.
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise RunFolderError(
+            f"{directory} has no {CONFIG_FILE}: it is not a run folder of `pyrolora train`, or training was "
+            "interrupted before it was saved (config.json is written last). Train it again."
+        )
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunFolderError(f"cannot read {path}: {err}") from err
+    except ConfigError as err:
+        raise RunFolderError(f"{path} is not a valid run configuration: {err}") from err

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import tomllib
 import types
 import typing
@@ -37,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pyrolora import validation
 from pyrolora.adapters import LoraXSConfig
-from pyrolora.backbones import DEFAULT_MODEL
 from pyrolora.errors import ConfigError
+from pyrolora.models.backbones import DEFAULT_MODEL
+from pyrolora.runs.device import check_device_name
 
 __all__ = [
     "GuideSpec",
@@ -56,16 +57,13 @@ __all__ = [
 
 
 def _check_number(value: Any, where: str, *, positive: bool = False, minimum: float | None = None) -> None:
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an integer beyond float range: no setting is meant to be that large
-        finite = False
-    if not finite:
-        raise ConfigError(f"{where} must be finite, got {value!r}.")
-    if positive and value <= 0:
-        raise ConfigError(f"{where} must be positive, got {value!r}.")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{where} must be >= {minimum}, got {value!r}.")
+    """A finite number (already type-checked by :func:`_coerce`), positive or at least ``minimum`` if asked."""
+    if positive:
+        validation.positive(value, where)
+    elif minimum is not None:
+        validation.at_least(value, where, minimum)
+    else:
+        validation.finite(value, where)
 
 
 @dataclass(frozen=True)
@@ -118,8 +116,7 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         _check_number(self.neutral_margin, "task.neutral_margin", minimum=0.0)
-        if not 0 < self.validation_fraction < 1:
-            raise ConfigError(f"task.validation_fraction must lie in (0, 1), got {self.validation_fraction!r}.")
+        validation.in_range(self.validation_fraction, "task.validation_fraction", 0, 1, low_open=True, high_open=True)
         for name in ("max_train", "max_eval"):
             if getattr(self, name) is not None:
                 _check_number(getattr(self, name), f"task.{name}", positive=True)
@@ -211,6 +208,11 @@ class TrainSpec:
     kl_warmup: float = 0.0
     #: candidate posterior temperatures, chosen on the validation split after training (see pyrolora.fit)
     temperatures: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+    #: ``"auto"`` (CUDA when present, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``; ``--device`` overrides it
+    device: str = "auto"
+    #: ``"bf16"`` runs the backbone under bfloat16 autocast in training and prediction; guide, prior and
+    #: likelihood stay in float32 (see :mod:`pyrolora.inference.precision`)
+    precision: Literal["float32", "bf16"] = "float32"
 
     def kl_schedule(self) -> Any:
         """``kl_weight`` for :func:`pyrolora.fit`: the number, or a linear rise to it over ``kl_warmup``."""
@@ -236,6 +238,9 @@ class TrainSpec:
             )
         for value in self.temperatures:
             _check_number(value, "train.temperatures", minimum=0.0)
+        check_device_name(self.device, "train.device")
+        if self.precision not in ("float32", "bf16"):
+            raise ConfigError(f"train.precision must be 'float32' or 'bf16', got {self.precision!r}.")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"train.seed must be an integer in [0, 2**63), got {self.seed!r}.")
 
@@ -255,7 +260,7 @@ class PredictSpec:
 
 @dataclass(frozen=True)
 class LogSpec:
-    """Training logs in the run folder (see :mod:`pyrolora.tracking`); both sinks are off by default.
+    """Training logs in the run folder (see :mod:`pyrolora.runs.tracking`); both sinks are off by default.
 
     ``csv`` writes ``train_log.csv``; ``tensorboard`` writes events under ``tensorboard/`` (view them with
     ``tensorboard --logdir RUN_DIR``). ``every``: log every n-th step. ``validation_every``: steps between
@@ -291,7 +296,8 @@ class MethodSpec:
       likelihood with ``lora_lr``; no prior.
     """
 
-    name: Literal["bayesian", "mc_dropout", "ensemble", "peft_lora"] = "bayesian"
+    #: a method of :data:`pyrolora.runs.methods.METHODS` (checked when it is looked up, before any training)
+    name: str = "bayesian"
     ensemble_size: int = 5
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -300,10 +306,13 @@ class MethodSpec:
     lora_lr: float = 1e-3
 
     def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ConfigError(
+                f"method.name must be a method name such as 'bayesian' or 'peft_lora', got {self.name!r}."
+            )
         for name in ("ensemble_size", "lora_rank", "lora_alpha", "lora_lr"):
             _check_number(getattr(self, name), f"method.{name}", positive=True)
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"method.lora_dropout must lie in [0, 1), got {self.lora_dropout!r}.")
+        validation.in_range(self.lora_dropout, "method.lora_dropout", 0, 1, high_open=True)
         if not self.lora_targets:
             raise ConfigError("method.lora_targets is empty; name the modules peft LoRA adapts, e.g. ['query'].")
 
@@ -437,9 +446,7 @@ class RunConfig:
         return RunConfig.from_dict(data)
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read a run configuration from a ``.toml`` or ``.json`` file."""
-    path = Path(path)
+def _read(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -448,4 +455,61 @@ def load_config(path: str | Path) -> RunConfig:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from err
-    return RunConfig.from_dict(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run configuration must be a table of sections, got {type(data).__name__}.")
+    return data
+
+
+def overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid over ``base``, section by section: a key of ``over`` replaces the same key of ``base``.
+
+    A ``[guide]`` table that names another guide without ``options`` starts from no options (the base's options
+    belong to the base's guide). Keys outside sections (``pyrolora_version``) are taken from ``over``.
+    """
+    merged = {name: dict(section) if isinstance(section, dict) else section for name, section in base.items()}
+    for name, section in over.items():
+        if isinstance(section, dict) and isinstance(merged.get(name), dict):
+            if name == "guide" and "name" in section and "options" not in section:
+                merged[name] = {k: v for k, v in merged[name].items() if k != "options"}
+            merged[name] = {**merged[name], **section}
+        else:
+            merged[name] = section
+    return merged
+
+
+def _expand(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """The sections of ``path`` laid over those of its ``base`` file(s), recursively."""
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise ConfigError(f"config files name each other as base in a circle ({chain}); remove one `base` key.")
+    data = _read(path)
+    bases = data.pop("base", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"`base` in {path} must be a file name or a list of them, got {bases!r}.")
+    merged: dict[str, Any] = {}
+    for name in bases:
+        base = path.parent / name
+        if not base.is_file():
+            raise ConfigError(f"{path} names base {name!r}, but {base} does not exist; give a path relative to {path}.")
+        merged = overlay(merged, _expand(base, (*seen, resolved)))
+    return overlay(merged, data)
+
+
+def load_config(*paths: str | Path) -> RunConfig:
+    """Read a run configuration from one or more ``.toml`` / ``.json`` files, each laid over the ones before.
+
+    A file may name the files it builds on with a top-level key ``base = "sst2.toml"`` (or a list, paths relative
+    to the file); they are read first, recursively. So ``configs/sst2.toml`` can hold a task's settings and
+    ``configs/sst2-blora-xs.toml`` only ``base = ["sst2.toml", "methods/blora-xs.toml"]``; equally
+    ``load_config("configs/sst2.toml", "configs/methods/blora-xs.toml")`` (``pyrolora train --config A --config B``).
+    Later files win key by key (see :func:`overlay`); the merged result is validated as one configuration.
+    """
+    if not paths:
+        raise ConfigError("give at least one configuration file.")
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = overlay(merged, _expand(Path(path), ()))
+    return RunConfig.from_dict(merged)
