@@ -1,7 +1,8 @@
 """Task data: the embedded VADER default, batching for tokenized backbones."""
 
-from pyrolora.data.base import ClassificationSplit, TokenizedLoader, split_indices
+from pyrolora.data.base import ClassificationSplit, split_indices
 from pyrolora.data.glue import GLUE_TASKS, TsvSpec, load_tsv
+from pyrolora.data.loader import TokenizedLoader
 from pyrolora.data.mcqa import MultipleChoiceLoader, MultipleChoiceSplit, load_mcqa_jsonl
 from pyrolora.data.tasks import TASKS, is_multiple_choice, load_splits
 from pyrolora.data.vader import load_vader, vader_splits
