@@ -207,7 +207,7 @@ class TrainSpec:
     kl_weight: float = 0.1  # pyrolora.inference.svi.DEFAULT_KL_WEIGHT (tested equal); 1 is the ELBO
     kl_warmup: float = 0.0
     #: candidate posterior temperatures, chosen on the validation split after training (see pyrolora.fit)
-    temperatures: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+    temperatures: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
     #: ``"auto"`` (CUDA when present, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``; ``--device`` overrides it
     device: str = "auto"
     #: ``"bf16"`` runs the backbone under bfloat16 autocast in training and prediction; guide, prior and
