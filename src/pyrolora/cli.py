@@ -44,27 +44,40 @@ def train_cmd(
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", min=1, help="Optimizer steps between checkpoints in --out.")
     ] = 100,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace what --out holds (a run or other files); the old contents stay until the new run is "
+            "complete.",
+        ),
+    ] = False,
 ) -> None:
     """Train a run from a configuration file, evaluate it on the test split and save it.
 
     Training writes a checkpoint into --out every --checkpoint-every steps; after a crash or kill, the same
     command with --resume continues from it to the result an uninterrupted run gives. The checkpoint is removed
     once the run folder is completely saved.
+
+    --out must be new or empty, or hold the unfinished run that --resume continues; anything else is refused
+    unless --overwrite is given. The folder is locked while training: a second training into it is refused.
     """
+    from pyrolora._outfolder import training_folder
     from pyrolora.config import load_config
     from pyrolora.experiment import evaluate, save_run, train
     from pyrolora.inference.checkpoint import CHECKPOINT_FILE
 
-    if _train_other_method(config, out):  # baselines (MC dropout, ensemble, peft LoRA) go through the runner
-        return
     try:
-        run = train(
-            load_config(config), log_dir=out, checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume
-        )
-        evaluation = evaluate(run, "test", progress=True)
-        run.metrics = {"test": evaluation.metrics}
-        save_run(run, out)
-        (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+        parsed = load_config(config)
+        with training_folder(out, overwrite=overwrite, resume=resume) as target:
+            if parsed.method.name != "bayesian":  # baselines (MC dropout, ensemble, peft LoRA) go through the runner
+                _train_other_method(parsed, target, out)
+                return
+            run = train(parsed, log_dir=target, checkpoint_dir=target, checkpoint_every=checkpoint_every, resume=resume)
+            evaluation = evaluate(run, "test", progress=True)
+            run.metrics = {"test": evaluation.metrics}
+            save_run(run, target)
+            (target / CHECKPOINT_FILE).unlink(missing_ok=True)
     except PyroloraError as err:
         _fail(err)
     from pyrolora.inference.distributed import is_main_process
@@ -74,22 +87,13 @@ def train_cmd(
         typer.echo(f"saved to {out}")
 
 
-def _train_other_method(config: Path, out: Path) -> bool:
-    """Run a non-``bayesian`` method of ``[method]`` with :func:`pyrolora.runner.run_method`; False otherwise."""
-    from pyrolora.config import load_config
+def _train_other_method(parsed, target: Path, out: Path) -> None:
+    """Run a non-``bayesian`` method of ``[method]`` with :func:`pyrolora.runner.run_method` into ``target``."""
+    from pyrolora.runner import run_method
 
-    try:
-        parsed = load_config(config)
-        if parsed.method.name == "bayesian":
-            return False
-        from pyrolora.runner import run_method
-
-        result = run_method(parsed, out=out)
-    except PyroloraError as err:
-        _fail(err)
+    result = run_method(parsed, out=target)
     typer.echo(json.dumps(result, indent=2))
     typer.echo(f"saved to {out}")
-    return True
 
 
 @app.command("evaluate")

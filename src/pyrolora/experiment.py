@@ -21,6 +21,7 @@ import numpy as np
 from torch import nn
 
 from pyrolora._atomic import atomic_path, write_json
+from pyrolora._integrity import config_digest
 from pyrolora._version import __version__
 from pyrolora.adapters import inject_adapters
 from pyrolora.backbones import check_tokenizer, input_length_limit, load_sequence_classifier, load_tokenizer
@@ -248,10 +249,10 @@ def train(
     (see :mod:`pyrolora.inference.checkpoint`); ``resume=True`` continues from the checkpoint in that folder,
     after checking that ``config`` is the configuration it was started with.
     """
-    resume_from = _prepare_checkpoints(config, checkpoint_dir, resume) if checkpoint_dir is not None else None
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs the checkpoint_dir of the interrupted run.")
-    run = build(config, splits)
+    run = build(config, splits)  # every check of the config against model and data, before anything is written
+    resume_from = _prepare_checkpoints(config, checkpoint_dir, resume) if checkpoint_dir is not None else None
     if distributed.is_distributed():  # under torchrun: one device per process (cuda:LOCAL_RANK on a GPU machine)
         run.model.to(distributed.device())
     logger = _training_logger(run, log_dir)
@@ -262,6 +263,7 @@ def train(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         resume_from=resume_from,
+        checkpoint_tag=config_digest(config.to_dict()),
     )
     if logger is not None:
         logger.close()

@@ -165,6 +165,7 @@ def fit(
     resume_from: str | Path | None = None,
     optimizer: Optimizer = "adamw",
     momentum: float = 0.0,
+    checkpoint_tag: str | None = None,
 ) -> FitResult:
     """Fit ``guide`` (and the model's head) by maximising the ELBO with a torch optimizer.
 
@@ -220,6 +221,8 @@ def fit(
             AdamW's, whose step size does not depend on the gradient's scale. SWAG's theory (iterates of
             constant-lr SGD scatter around the optimum like a posterior) is about SGD.
         momentum: SGD momentum in [0, 1); only with ``optimizer="sgd"``.
+        checkpoint_tag: a string stored in every checkpoint (e.g. a digest of the run's configuration);
+            ``resume_from`` then refuses a checkpoint whose tag differs.
 
     Returns:
         A :class:`FitResult` with the loss history.
@@ -260,7 +263,9 @@ def fit(
     check_local(guide)
     result = FitResult(dataset_size=model.dataset_size)
     # In a distributed job every process holds the same state: only the main process writes checkpoints.
-    checkpoints = Checkpointer(checkpoint_dir if distributed.is_main_process() else None, checkpoint_every)
+    checkpoints = Checkpointer(
+        checkpoint_dir if distributed.is_main_process() else None, checkpoint_every, tag=checkpoint_tag
+    )
     with contextlib.ExitStack() as scope:
         scope.push(checkpoints.on_exit)
         scope.enter_context(pyro.settings.context(module_local_params=True))
