@@ -21,6 +21,7 @@ from pyrolora.errors import ConfigError, DataError, DivergenceError
 from pyrolora.inference import distributed
 from pyrolora.inference.batches import split_batch, to_device
 from pyrolora.inference.checkpoint import BatchStream, Checkpointer
+from pyrolora.inference.divergence import RunawayLoss, factorisation_failed
 from pyrolora.inference.guides import check_local
 from pyrolora.inference.lean import LeanELBO, supports
 from pyrolora.inference.precision import Precision, autocast, compiled_outputs
@@ -228,8 +229,10 @@ def fit(
         A :class:`FitResult` with the loss history.
 
     Raises:
-        DivergenceError: when the loss or a gradient is not finite; the message names the step (and the
-            last good checkpoint, which is left intact).
+        DivergenceError: when the loss or a gradient is not finite, the loss runs away (grows more than
+            :data:`~pyrolora.inference.divergence.RUNAWAY_FACTOR` times over its first value's scale), or the
+            guide's covariance cannot be factorised; the message names the step (and the last good checkpoint,
+            which is left intact).
     """
     if (num_epochs is None) == (num_steps is None):
         raise ConfigError("give exactly one of num_epochs and num_steps.")
@@ -310,8 +313,10 @@ def fit(
         start = time.perf_counter()
         parts = dict(model=model, guide=guide, optimizer=optimizer, scheduler=scheduler, stream=stream, result=result)
         first_step = 0
+        runaway = RunawayLoss(model.dataset_size)
         if resume_from is not None:
             first_step, seconds = checkpoints.resume(resume_from, num_steps, **parts)
+            runaway.resume(result.losses)
             start -= seconds
             bar.update(first_step)
         for step in range(first_step, num_steps):
@@ -326,6 +331,8 @@ def fit(
                     # β scales log q(θ) as the model scales log p(θ) (distributed runs keep β = 1)
                     weighted = guide if model.kl_weight == 1.0 else poutine.scale(guide, scale=model.kl_weight)
                     value = elbo.differentiable_loss(pyro_model, weighted, inputs, targets)
+            except torch.linalg.LinAlgError as err:
+                raise factorisation_failed(err, step, num_steps, scheduler.get_last_lr()[0]) from err
             except ValueError as err:
                 if "found invalid values" not in str(err):
                     raise
@@ -346,6 +353,7 @@ def fit(
                     f"the loss is {value.item()} at step {step + 1} of {num_steps}; lower lr (now "
                     f"{scheduler.get_last_lr()[0]:.3g}), enable clip_norm, or check the data for bad targets."
                 )
+            runaway(step, value.item(), num_steps, scheduler.get_last_lr()[0])
             value.backward()
             max_norm = clip_norm if clip_norm is not None else math.inf
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
