@@ -187,3 +187,21 @@ def test_one_flipped_bit_in_the_checkpoint_header_is_refused(tmp_path):
     path.write_bytes(raw[:at] + b"0.09" + raw[at + 4 :])
     with pytest.raises(RunFolderError, match="JSON header"):
         fit(model, guides.make("diagonal", model), data, num_steps=2, lr=0.01, progress=False, resume_from=tmp_path)
+
+
+def test_a_base_model_changed_outside_the_adapted_layers_is_refused(tiny_model_dir, tmp_path):
+    """Word embeddings and an unadapted layer of the base model edited after training: evaluate refuses the run."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    out = tmp_path / "run"
+    assert _train("--config", _config(tmp_path, model), "--out", out).exit_code == 0
+    weights = load_file(model / "model.safetensors")
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.intermediate.dense.weight"):
+        weights[name] = weights[name] + 0.01  # neither is adapted (the adapters sit on query and value)
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    result = CliRunner().invoke(app, ["evaluate", str(out)])
+    assert result.exit_code == 2 and "the base model differs from the one the run" in result.output

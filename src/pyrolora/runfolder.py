@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from pyrolora._atomic import file_sha256, write_json
+from pyrolora._integrity import model_fingerprint
 from pyrolora._version import __version__
 from pyrolora.backbones import weights_fingerprint
 from pyrolora.errors import RunFolderError
@@ -61,6 +62,7 @@ def write_manifest(
         "base_model": {
             "name": base_model,
             "fingerprint": weights_fingerprint(model.backbone, adapted_weight_names(model)),
+            "backbone_fingerprint": model_fingerprint(model),  # every frozen tensor (pyrolora._integrity)
         },
         "adapters": _adapters(model),
         "guide_class": type(guide).__name__,
@@ -141,6 +143,13 @@ def check_model(manifest: dict[str, Any], model: BayesianLoraModel, where: str |
             f"the base model's adapted weights differ from those the run in {where} was trained on (fingerprint "
             f"{fingerprint[:12]}..., the run's {base['fingerprint'][:12]}..., base model {base['name']!r}); its "
             "posterior is meaningless on other weights. Load it with the base model it was trained on."
+        )
+    whole = base.get("backbone_fingerprint")  # absent in folders of older versions: adapted weights only
+    if whole is not None and model_fingerprint(model) != whole:
+        raise RunFolderError(
+            f"the base model differs from the one the run in {where} was trained on (its frozen weights, e.g. "
+            f"embeddings or unadapted layers, do not match the run's fingerprint; base model {base['name']!r}); its "
+            "posterior and head are meaningless on other weights. Load it with the base model it was trained on."
         )
 
 
