@@ -205,3 +205,43 @@ def test_a_base_model_changed_outside_the_adapted_layers_is_refused(tiny_model_d
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     result = CliRunner().invoke(app, ["evaluate", str(out)])
     assert result.exit_code == 2 and "the base model differs from the one the run" in result.output
+
+
+PEFT = '\n[guide]\nname = "delta"\n[method]\nname = "peft_lora"\nlora_rank = 2\nlora_targets = ["query"]\n'
+ENSEMBLE = '\n[guide]\nname = "delta"\n[method]\nname = "ensemble"\nensemble_size = 2\n'
+
+
+@pytest.mark.parametrize(("method", "section", "victim"), [("peft_lora", PEFT, "peft_lora.safetensors"),
+                                                           ("ensemble", ENSEMBLE, "config.json")])  # fmt: skip
+def test_peft_lora_and_ensemble_folders_have_a_checked_manifest(tiny_model_dir, tmp_path, method, section, victim):
+    config = _config(tmp_path, tiny_model_dir)
+    config.write_text(config.read_text() + section, encoding="utf-8")
+    out = tmp_path / "run"
+    trained = _train("--config", config, "--out", out)
+    assert trained.exit_code == 0, trained.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == method and victim in manifest["files"]
+    raw = bytearray((out / victim).read_bytes())
+    raw[-3] ^= 0x01  # one bit: a LoRA weight's low mantissa bit, or a character of the configuration
+    (out / victim).write_bytes(bytes(raw))
+    result = CliRunner().invoke(app, ["evaluate", str(out)])
+    assert result.exit_code == 2 and f"{victim} is corrupt" in result.output
+
+
+def test_save_run_into_a_used_folder_keeps_no_stale_files_and_refuses_an_unfitted_guide(finished, tmp_path):
+    from pyrolora.errors import ConfigError
+    from pyrolora.experiment import build, save_run
+
+    out = _copy(finished, tmp_path / "run")
+    run = load_run(out)
+    assert run.metrics and run.fit_result is not None
+    run.metrics, run.fit_result = {}, None  # the same posterior saved again without metrics and history
+    save_run(run, out)
+    (out / "fit.json").write_text(json.dumps({"losses": [1.0], "num_steps": 1, "seconds": 0, "dataset_size": 1}))
+    again = load_run(out)  # the stray fit.json is not the run's: the manifest does not list it
+    assert again.metrics == {} and again.fit_result is None and not (out / "metrics.json").exists()
+
+    fresh = build(run.config)  # the guide was never fitted: it has no parameters
+    with pytest.raises(ConfigError, match="has not been fitted"):
+        save_run(fresh, tmp_path / "unfitted")
+    assert not (tmp_path / "unfitted").exists()

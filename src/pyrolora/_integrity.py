@@ -77,3 +77,23 @@ def trained_fingerprint(module: nn.Module) -> str:
     """:func:`backbone_fingerprint` of a module leaving out every parameter that trains (``requires_grad``):
     the frozen base of a peft LoRA run, whose LoRA matrices and head are its saved state."""
     return backbone_fingerprint(module, [n for n, p in module.named_parameters() if p.requires_grad])
+
+
+def check_frozen_backbone(manifest: dict[str, Any], module: nn.Module, where: Any) -> None:
+    """Refuse a peft LoRA backbone whose frozen weights differ from the fingerprint in a run's manifest.
+
+    Raises:
+        RunFolderError: naming the run folder and the fix.
+    """
+    from pyrolora.errors import RunFolderError
+
+    base = manifest.get("base_model") if isinstance(manifest.get("base_model"), dict) else {}
+    want = base.get("backbone_fingerprint")
+    if not isinstance(want, str):
+        raise RunFolderError(f"the manifest of {where} has no base-model fingerprint; it is damaged. Train it again.")
+    if trained_fingerprint(module) != want:
+        raise RunFolderError(
+            f"the base model differs from the one the run in {where} was trained on (its frozen weights do not "
+            f"match the run's fingerprint; base model {base.get('name')!r}). Load it with the base model it was "
+            "trained on."
+        )

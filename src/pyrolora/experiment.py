@@ -31,6 +31,7 @@ from pyrolora.data.mcqa import MultipleChoiceLoader, MultipleChoiceSplit
 from pyrolora.errors import ConfigError, RunFolderError
 from pyrolora.evaluation import metrics
 from pyrolora.inference import FitResult, Prediction, distributed, guides, predict
+from pyrolora.inference.fitted import require_fitted
 from pyrolora.inference.posterior import fit_posterior
 from pyrolora.inference.state import load_state, save_state
 from pyrolora.models import BayesianLoraModel
@@ -359,8 +360,11 @@ def save_run(run: Run, directory: str | Path) -> Path:
     directory = Path(directory)
     if not distributed.is_main_process():
         return directory
+    require_fitted(run.guide, "save the run")  # a folder that looks complete but cannot be loaded is worse than none
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_FILE).unlink(missing_ok=True)  # until the new one is written, the folder reads as unsaved
+    for stale in (FIT_FILE, METRICS_FILE):  # an earlier run's, which this one may not replace
+        (directory / stale).unlink(missing_ok=True)
     _write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **run.config.to_dict()})
     with atomic_path(directory / STATE_FILE) as tmp:
         save_state(tmp, run.model, run.guide)
@@ -414,7 +418,7 @@ def load_run(directory: str | Path, *, model_name: str | None = None) -> Run:
     check_model(manifest, run.model, directory)
     load_state(directory / STATE_FILE, run.model, run.guide)
     fit_path = directory / FIT_FILE
-    if fit_path.is_file():
+    if FIT_FILE in manifest["files"]:  # only the run's own files: never a stray one the manifest does not list
         fit_data = json.loads(fit_path.read_text(encoding="utf-8"))
         run.fit_result = FitResult(
             losses=fit_data["losses"],
@@ -423,6 +427,6 @@ def load_run(directory: str | Path, *, model_name: str | None = None) -> Run:
             dataset_size=fit_data["dataset_size"],
         )
     metrics_path = directory / METRICS_FILE
-    if metrics_path.is_file():
+    if METRICS_FILE in manifest["files"]:
         run.metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
     return run

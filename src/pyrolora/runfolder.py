@@ -86,9 +86,16 @@ def verify_files(directory: str | Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise RunFolderError(f"{directory} is not a folder; give the run folder written by `pyrolora train`.")
     if not path.is_file():
+        resumable = (directory / "checkpoint.safetensors").is_file()
         raise RunFolderError(
             f"{directory} has no {MANIFEST_FILE}: it is not a pyrolora run folder, or saving it was interrupted "
-            "(the manifest is written last). Save the run again."
+            "(the manifest is written last). "
+            + (
+                f"Its training checkpoint is there: continue it with pyrolora train --config "
+                f"{directory / 'config.json'} --out {directory} --resume."
+                if resumable
+                else "Save the run again."
+            )
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from pyrolora._atomic import atomic_path
+from pyrolora._integrity import trained_fingerprint
+from pyrolora._manifest import MANIFEST_FILE, write_method_manifest
 from pyrolora._version import __version__
 from pyrolora.baselines import (
     count_numel,
@@ -117,6 +119,13 @@ def save_peft_lora(backbone: nn.Module, config: RunConfig, out: str | Path) -> N
     with atomic_path(out / PEFT_LORA_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": PEFT_LORA_FORMAT})
     _write_json(out / CONFIG_FILE, {"pyrolora_version": __version__, **config.to_dict()})
+    write_method_manifest(  # last: a folder with a manifest is complete
+        out,
+        [PEFT_LORA_FILE, CONFIG_FILE],
+        method="peft_lora",
+        base_model=config.model.name,
+        backbone_fingerprint=trained_fingerprint(backbone),
+    )
 
 
 def _predict_run(run: Run, split: str, *, dropout: bool = False) -> torch.Tensor:
@@ -240,6 +249,8 @@ def run_method(
         done["probs"] = {n: s.mean(0) for n, s in done["samples"].items()}
         if out is not None:
             _write_json(Path(out) / "config.json", config.to_dict())
+            members = [f"member-{i}/{MANIFEST_FILE}" for i in range(config.method.ensemble_size)]
+            write_method_manifest(out, ["config.json", *members], method="ensemble", base_model=config.model.name)
     else:
         done = fit_and_predict(config, splits, device=device, progress=progress, out=out)
     result = {

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyrolora._integrity import check_frozen_backbone
 from pyrolora.baselines import mc_dropout, predict_point
 from pyrolora.config import RunConfig
 from pyrolora.data import ClassificationSplit
@@ -230,8 +231,8 @@ def _read_config(directory: Path) -> RunConfig:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise RunFolderError(
-            f"{directory} has no {CONFIG_FILE}: it is not a run folder of `pyrolora train`, or training was "
-            "interrupted before it was saved (config.json is written last). Train it again."
+            f"{directory} has no {CONFIG_FILE}: it is not a run folder of `pyrolora train` (which writes it when "
+            "training starts), or its training stopped before it began. Train it again."
         )
     try:
         return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
@@ -267,8 +268,9 @@ def load_trained(directory: str | Path, *, model_name: str | None = None, progre
     directory = Path(directory)
     if not directory.is_dir():
         raise RunFolderError(f"{directory} is not a folder; give the run folder written by `pyrolora train`.")
-    if (directory / MANIFEST_FILE).is_file():  # bayesian and mc_dropout: a save_run folder, checked in full
-        run = load_run(directory, model_name=model_name)
+    method = _folder_method(directory)
+    if method not in ("ensemble", "peft_lora") and (directory / MANIFEST_FILE).is_file():
+        run = load_run(directory, model_name=model_name)  # bayesian, mc_dropout: a save_run folder, checked in full
         return Trained(run.config, run, directory, progress=progress)
     config = _read_config(directory)
     if model_name is not None:
@@ -276,19 +278,34 @@ def load_trained(directory: str | Path, *, model_name: str | None = None, progre
     method = config.method.name
     if method == "ensemble":
         members = tuple(_member_folders(directory, config))
+        verify_files(directory)  # the ensemble's manifest covers config.json and every member's manifest
         run = load_run(members[0], model_name=model_name)
         for member in members[1:]:  # every member must fit the shared model before anything is predicted
             check_model(verify_files(member), run.model, member)
         return Trained(config, run, directory, members, progress=progress)
     if method == "peft_lora":
-        return Trained(config, _load_peft_lora(directory, config), directory, progress=progress)
+        manifest = verify_files(directory)  # every method's folder has a manifest: size and SHA-256 of its files
+        return Trained(config, _load_peft_lora(directory, config, manifest), directory, progress=progress)
     raise RunFolderError(
         f"{directory} holds a config.json of method {method!r} but no {MANIFEST_FILE}: the run was not saved "
-        f"completely (the manifest is written last). Train it again."
+        "completely (the manifest is written last). "
+        + (
+            f"Continue it: pyrolora train --config {directory / CONFIG_FILE} --out {directory} --resume."
+            if (directory / "checkpoint.safetensors").is_file()
+            else "Train it again."
+        )
     )
 
 
-def _load_peft_lora(directory: Path, config: RunConfig) -> Run:
+def _folder_method(directory: Path) -> str | None:
+    """The method named in a folder's config.json, or None when it cannot be read (load_run then says why)."""
+    try:
+        return json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))["method"]["name"]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
+        return None
+
+
+def _load_peft_lora(directory: Path, config: RunConfig, manifest: dict[str, Any]) -> Run:
     """Rebuild backbone, peft LoRA and head as the runner trained them, and load the saved tensors into them."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -311,6 +328,7 @@ def _load_peft_lora(directory: Path, config: RunConfig) -> Run:
         raise RunFolderError(f"{path} has format {fmt!r}; this version of pyrolora reads {PEFT_LORA_FORMAT!r}.")
     run, _, _ = peft_lora_run(config, load_task(config.task))
     backbone = run.model.backbone
+    check_frozen_backbone(manifest, backbone, directory)
     params = {n: p for n, p in backbone.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
         missing, extra = sorted(set(params) - set(tensors))[:3], sorted(set(tensors) - set(params))[:3]

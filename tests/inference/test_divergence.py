@@ -38,3 +38,12 @@ def test_a_sane_fit_with_kl_warmup_is_not_called_a_runaway():
     result = fit(model, guide, data, num_steps=30, lr=1e-2, kl_weight=lambda step, n: (step + 1) / n, seed=0,
                  progress=False)  # fmt: skip
     assert result.num_steps == 30 and max(result.losses) > result.losses[0]  # it did grow, and was accepted
+
+
+def test_predict_refuses_an_unfitted_guide():
+    from pyrolora import predict
+    from pyrolora.errors import ConfigError
+
+    model, guide, data = _setup("lowrank")
+    with pytest.raises(ConfigError, match="guide has not been fitted"):
+        predict(model, guide, data, num_samples=2)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from pyrolora.errors import ConfigError
 from pyrolora.inference import distributed
 from pyrolora.inference.batches import split_batch, to_device
+from pyrolora.inference.fitted import require_fitted
 from pyrolora.inference.guides import setup
 from pyrolora.inference.precision import Precision, autocast, compiled_outputs
 from pyrolora.models import BayesianLoraModel
@@ -151,6 +152,7 @@ def predict(
         raise ConfigError(f"samples_per_pass must be a positive integer or None, got {samples_per_pass!r}.")
     if isinstance(max_tokens_per_pass, bool) or not isinstance(max_tokens_per_pass, int) or max_tokens_per_pass < 1:
         raise ConfigError(f"max_tokens_per_pass must be a positive integer, got {max_tokens_per_pass!r}.")
+    require_fitted(guide, "predict")
     context = autocast(precision, model.device)
     outputs_fn = compiled_outputs(model, compile)
     device = model.device
