@@ -15,6 +15,7 @@ from pyrolora.adapters import HEAD_MODULE_NAMES, AdapterSet
 from pyrolora.errors import ConfigError
 from pyrolora.models import likelihoods as lik
 from pyrolora.models import priors as pri
+from pyrolora.models.likelihoods import check_targets
 
 __all__ = ["BayesianLoraModel", "Inputs", "default_output_fn"]
 
@@ -98,6 +99,8 @@ class BayesianLoraModel(nn.Module):
         self.backbone = backbone
         self.adapters = adapters
         self.prior = pri.resolve(prior)
+        if callable(getattr(self.prior, "check_sites", None)):  # a per-site mapping: every key must name a site
+            self.prior.check_sites(tuple(adapters.shapes))
         #: β, the weight of the KL term in the ELBO; set per step by :func:`pyrolora.fit` (``kl_weight``).
         self.kl_weight = 1.0
         self.likelihood = likelihood if likelihood is not None else lik.Categorical()
@@ -239,5 +242,8 @@ class BayesianLoraModel(nn.Module):
             raise ValueError(f"{targets.shape[0]} targets for a batch of {batch} inputs")
         subsample = torch.arange(batch, device=out.device)
         with pyro.plate("data", self.dataset_size, subsample=subsample):
-            pyro.sample("obs", self.likelihood.distribution(out), obs=targets)
+            likelihood = self.likelihood.distribution(out)
+            if targets is not None:
+                check_targets(likelihood, targets)
+            pyro.sample("obs", likelihood, obs=targets)
         return out
