@@ -245,3 +245,15 @@ def test_save_run_into_a_used_folder_keeps_no_stale_files_and_refuses_an_unfitte
     with pytest.raises(ConfigError, match="has not been fitted"):
         save_run(fresh, tmp_path / "unfitted")
     assert not (tmp_path / "unfitted").exists()
+
+
+def test_export_into_a_used_folder_leaves_no_stale_draws(finished, tmp_path):
+    out = tmp_path / "adapters"
+    runner = CliRunner()
+    for which, n in (("sample", "3"), ("sample", "2"), ("median", "2")):
+        result = runner.invoke(app, ["export", str(finished), "--out", str(out), "--which", which, "--num-samples", n])
+        assert result.exit_code == 0, result.output
+        if which == "sample":
+            assert sorted(p.name for p in out.glob("draw_*")) == [f"draw_{i:02d}" for i in range(int(n))]
+    assert list(out.glob("draw_*")) == [] and (out / "adapter_config.json").is_file()  # one point, no old draws
+    assert json.loads((out / "pyrolora_export.json").read_text())["adapters"] == ["."]

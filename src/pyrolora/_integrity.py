@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,3 +98,31 @@ def check_frozen_backbone(manifest: dict[str, Any], module: nn.Module, where: An
             f"match the run's fingerprint; base model {base.get('name')!r}). Load it with the base model it was "
             "trained on."
         )
+
+
+def check_manifest_shape(manifest: Any) -> None:
+    """Raise ``ValueError`` unless a run folder's manifest has the types that loading reads (a hand-edited or
+    damaged manifest then fails as a damaged manifest, not with a KeyError or TypeError deep inside loading)."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(what)
+
+    need(isinstance(manifest, dict), "the manifest is not a JSON object")
+    need(isinstance(manifest.get("format"), str), "'format' is not a string")
+    files = manifest.get("files")
+    need(isinstance(files, dict), "'files' is not an object")
+    for name, entry in files.items():
+        need(isinstance(entry, dict), f"files[{name!r}] is not an object")
+        need(isinstance(entry.get("bytes"), int) and not isinstance(entry.get("bytes"), bool), f"files[{name!r}].bytes")
+        need(isinstance(entry.get("sha256"), str), f"files[{name!r}].sha256 is not a string")
+        need(".." not in Path(name).parts and not Path(name).is_absolute(), f"file name {name!r} leaves the folder")
+    base = manifest.get("base_model")
+    need(isinstance(base, dict) and isinstance(base.get("name"), str), "'base_model' lacks its name")
+    if "adapters" in manifest:  # bayesian and mc_dropout folders (runfolder.write_manifest)
+        adapters = manifest["adapters"]
+        need(isinstance(adapters, dict), "'adapters' is not an object")
+        for key in ("rank", "alpha", "target_modules", "sites"):
+            need(key in adapters, f"'adapters' lacks {key!r}")
+        need(isinstance(adapters["sites"], dict), "'adapters.sites' is not an object")
+        need(isinstance(base.get("fingerprint"), str), "'base_model.fingerprint' is not a string")

@@ -129,3 +129,28 @@ def training_folder(out: str | Path, *, overwrite: bool = False, resume: bool = 
             os.replace(out, old)  # between these two renames `out` is briefly absent, never half-written
             os.replace(partial, out)
             shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_previous_export(out: str | Path, manifest_name: str) -> None:
+    """Before exporting into ``out`` again, remove the posterior draws a previous export left there.
+
+    Only a folder holding a previous export's manifest (``manifest_name``) is touched, and of it only the
+    ``draw_<digits>`` subfolders that hold a peft adapter (``adapter_config.json``) and the adapter files of an
+    exported point: a new export of fewer draws, or of one point, would otherwise sit beside stale adapters that
+    a reader takes for its own.
+    """
+    out = Path(out)
+    if not (out / manifest_name).is_file():
+        return
+    (out / manifest_name).unlink()  # first: a half-cleared folder reads as no export at all
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # a previous export of one point
+        (out / name).unlink(missing_ok=True)
+    for child in out.iterdir():
+        name = child.name
+        if (
+            child.is_dir()
+            and name.startswith("draw_")
+            and name[5:].isdigit()
+            and (child / "adapter_config.json").is_file()
+        ):
+            shutil.rmtree(child)

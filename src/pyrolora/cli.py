@@ -13,6 +13,13 @@ from pyrolora.errors import PyroloraError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Bayesian LoRA-XS with Pyro.")
 
 
+def _dumps(data, **options) -> str:
+    """Valid JSON for the terminal: NaN or infinite numbers print as null."""
+    from pyrolora._atomic import json_safe
+
+    return json.dumps(json_safe(data), allow_nan=False, **options)
+
+
 def _fail(err: Exception) -> None:
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -83,7 +90,7 @@ def train_cmd(
     from pyrolora.inference.distributed import is_main_process
 
     if is_main_process():  # under torchrun every process holds the same metrics; one prints them
-        typer.echo(json.dumps(evaluation.metrics, indent=2))
+        typer.echo(_dumps(evaluation.metrics, indent=2))
         typer.echo(f"saved to {out}")
 
 
@@ -92,7 +99,7 @@ def _train_other_method(parsed, target: Path, out: Path) -> None:
     from pyrolora.runner import run_method
 
     result = run_method(parsed, out=target)
-    typer.echo(json.dumps(result, indent=2))
+    typer.echo(_dumps(result, indent=2))
     typer.echo(f"saved to {out}")
 
 
@@ -164,7 +171,7 @@ def evaluate_cmd(
         result = split_metrics(probs.mean(0), data, trained.config.predict.n_bins)
     except PyroloraError as err:
         _fail(err)
-    typer.echo(json.dumps(result, indent=2))
+    typer.echo(_dumps(result, indent=2))
     if uncertainty or ood_texts is not None or ood_split is not None or ood_task is not None:
         _report_uncertainty(
             trained,
@@ -206,7 +213,7 @@ def _report_uncertainty(trained, run_dir, split, probs, ood, ood_texts, ood_spli
     except PyroloraError as err:
         _fail(err)
     parts = report["decomposition"]
-    typer.echo("\nmean uncertainty (nats): " + json.dumps(parts))
+    typer.echo("\nmean uncertainty (nats): " + _dumps(parts))
     typer.echo(format_uncertainty_table({method: report}))
     typer.echo(f"saved {json_path} and {plot_path}")
 

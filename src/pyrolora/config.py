@@ -33,6 +33,7 @@ import math
 import tomllib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -430,4 +431,14 @@ def load_config(path: str | Path) -> RunConfig:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from err
+    except RecursionError:
+        raise ConfigError(
+            f"{path} is nested too deeply to be a run configuration; give sections of settings."
+        ) from None
+    if data == {}:  # an empty file is more likely a mistake than a wish for every default
+        warnings.warn(
+            f"{path} sets nothing: every setting takes its default (see the sections in pyrolora/config.py).",
+            UserWarning,
+            stacklevel=2,
+        )
     return RunConfig.from_dict(data)

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from pyrolora._atomic import file_sha256, write_json
-from pyrolora._integrity import model_fingerprint
+from pyrolora._integrity import check_manifest_shape, model_fingerprint
 from pyrolora._version import __version__
 from pyrolora.backbones import weights_fingerprint
 from pyrolora.errors import RunFolderError
@@ -101,7 +101,8 @@ def verify_files(directory: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         files = manifest["files"]
         fmt = manifest["format"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        check_manifest_shape(manifest)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as err:
         raise RunFolderError(f"cannot read {path}: {err!r}; the manifest is damaged. Save the run again.") from err
     if fmt != FORMAT:
         raise RunFolderError(f"{path} has format {fmt!r}; this version of pyrolora reads {FORMAT!r}.")
@@ -129,6 +130,8 @@ def check_model(manifest: dict[str, Any], model: BayesianLoraModel, where: str |
     Raises:
         RunFolderError: naming the first mismatch (rank, target modules, sites, base weights) and the fix.
     """
+    if not isinstance(manifest.get("adapters"), dict):
+        raise RunFolderError(f"the manifest of {where} does not describe adapters; it is damaged. Save the run again.")
     saved, have = manifest["adapters"], _adapters(model)
     for key, what in (("rank", "adapter rank"), ("target_modules", "target modules"), ("alpha", "alpha")):
         if saved[key] != have[key]:
