@@ -66,69 +66,86 @@ def _beside(out: Path, suffix: str) -> Path:
     return out.parent / f".{out.name}.{suffix}"
 
 
+def _decide(out: Path, partial: Path, *, overwrite: bool, resume: bool) -> Path:
+    """Where to train, from what ``out`` and ``.<name>.partial`` hold now; refuse what the rules refuse."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file; give a folder for the run.")
+    held = _contents(out)
+    if resume:
+        if CHECKPOINT_FILE in held and MANIFEST_FILE not in held:
+            return out  # continue the unfinished run in place
+        if (partial / CHECKPOINT_FILE).is_file():
+            return partial  # continue a killed overwrite; the old run is replaced when it is complete
+        raise RunFolderError(
+            f"there is no checkpoint to resume in {out} ({CHECKPOINT_FILE} is missing); start without --resume."
+        )
+    if not held:
+        return out
+    if not overwrite:
+        what = (
+            "a finished run"
+            if MANIFEST_FILE in held or "result.json" in held
+            else "the checkpoint of an unfinished run (continue it with --resume)"
+            if CHECKPOINT_FILE in held
+            else f"other files ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''})"
+        )
+        raise RunFolderError(
+            f"{out} already holds {what}; choose an empty or new --out, or pass --overwrite to replace it "
+            "(the old contents stay until the new run is complete)."
+        )
+    return partial  # overwrite: write beside, swap at the end
+
+
 @contextlib.contextmanager
 def training_folder(out: str | Path, *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
     """Check and lock the output folder ``out``; yield the folder to train and save into.
 
-    The yielded folder is ``out`` itself, or, when an existing folder is overwritten, ``.<name>.partial``
-    beside it, which is swapped into place when the block ends without an error (see the module docstring).
-    A folder this call created is removed again if the block fails before writing anything into it.
+    The yielded folder is ``out`` itself, or, when an existing folder is overwritten (or such an overwrite is
+    resumed), ``.<name>.partial`` beside it, which is swapped into place when the block ends without an error
+    (see the module docstring). A folder this call created is removed again if the block fails before writing
+    anything into it. Under ``torchrun`` only the main process locks, creates and swaps; the others take the
+    same decision from the same folder contents (they write nothing there).
 
     Raises:
         RunFolderError: ``out`` is a file; it holds a run or other files and ``overwrite`` is not given; it
-            holds an unfinished run and neither ``resume`` nor ``overwrite`` is given; or another training
-            holds its lock.
+            holds an unfinished run and neither ``resume`` nor ``overwrite`` is given; ``resume`` finds no
+            checkpoint; or another training holds its lock.
     """
+    from pyrolora.inference.distributed import is_main_process
+
     out = Path(out).absolute()
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"--out {out} is a file; give a folder for the run.")
     partial, old = _beside(out, "partial"), _beside(out, "old")
-    if resume and not (out / CHECKPOINT_FILE).is_file() and not (partial / CHECKPOINT_FILE).is_file():
-        raise RunFolderError(
-            f"there is no checkpoint to resume in {out} ({CHECKPOINT_FILE} is missing); start without --resume."
-        )
+    if not is_main_process():
+        yield _decide(out, partial, overwrite=overwrite, resume=resume)
+        return
+    _decide(out, partial, overwrite=overwrite, resume=resume)  # refuse before creating anything
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunFolderError(f"cannot create the output folder {out}: {err}") from err
-    with folder_lock(out):
-        held = _contents(out)
-        target = out
-        if resume and not (out / CHECKPOINT_FILE).is_file() and (partial / CHECKPOINT_FILE).is_file():
-            target = partial  # continue a killed overwrite; the old run is replaced when it is complete
-        elif resume and CHECKPOINT_FILE in held and MANIFEST_FILE not in held:
-            pass  # continue the unfinished run in place
-        elif held and not overwrite:
-            what = (
-                "a finished run"
-                if MANIFEST_FILE in held or "result.json" in held
-                else "the checkpoint of an unfinished run (continue it with --resume)"
-                if CHECKPOINT_FILE in held
-                else f"other files ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''})"
-            )
-            raise RunFolderError(
-                f"{out} already holds {what}; choose an empty or new --out, or pass --overwrite to replace it "
-                "(the old contents stay until the new run is complete)."
-            )
-        elif held:  # overwrite: write beside, swap at the end
-            shutil.rmtree(partial, ignore_errors=True)  # the leftovers of an earlier killed overwrite
-            partial.mkdir()
-            target = partial
-        try:
-            yield target
-        except BaseException:
-            if created and not _contents(out):
-                with contextlib.suppress(OSError):
-                    out.rmdir()
-            if target == partial and not (partial / CHECKPOINT_FILE).is_file():
-                shutil.rmtree(partial, ignore_errors=True)  # nothing to resume: leave no trace
-            raise
-        if target == partial:
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)  # between these two renames `out` is briefly absent, never half-written
-            os.replace(partial, out)
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        with folder_lock(out):
+            target = _decide(out, partial, overwrite=overwrite, resume=resume)  # again, now that it is ours
+            if target == partial and not resume:
+                shutil.rmtree(partial, ignore_errors=True)  # the leftovers of an earlier killed overwrite
+                partial.mkdir()
+            try:
+                yield target
+            except BaseException:
+                if target == partial and not (partial / CHECKPOINT_FILE).is_file():
+                    shutil.rmtree(partial, ignore_errors=True)  # nothing to resume: leave no trace
+                raise
+            if target == partial:
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)  # between these two renames `out` is briefly absent, never half-written
+                os.replace(partial, out)
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if created and out.is_dir() and not _contents(out):
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
 
 
 def clear_previous_export(out: str | Path, manifest_name: str) -> None:
