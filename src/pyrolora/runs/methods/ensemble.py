@@ -127,7 +127,8 @@ class Ensemble:
                     f"{MANIFEST_FILE}); copy the whole run folder, or train the ensemble again."
                 )
             members.append(member)
-        verify_files(directory)  # the ensemble's manifest covers config.json and every member's manifest
+        if (Path(directory) / MANIFEST_FILE).is_file():  # folders of versions before the ensemble's manifest lack it
+            verify_files(directory)  # it covers config.json and every member's manifest
         run = load_run(members[0], model_name=model_name, device=None if device is None else str(device))
         for member in members[1:]:  # every member must fit the shared model before anything is predicted
             check_model(verify_files(member), run.model, member)

@@ -263,12 +263,15 @@ class PeftLora:
         from safetensors.torch import load_file
 
         path = Path(directory) / PEFT_LORA_FILE
+        # The manifest (sizes, SHA-256, frozen-backbone fingerprint) is checked first. Folders written before
+        # peft_lora folders had one hold only the state and config.json (each written atomically, the state
+        # first, so complete): they load as before, without those checks.
+        manifest = verify_files(directory) if (Path(directory) / MANIFEST_FILE).is_file() else None
         if not path.is_file():
             raise RunFolderError(
                 f"{directory} is a peft LoRA run without {PEFT_LORA_FILE}; training was interrupted before it was "
                 "saved. Train it again."
             )
-        manifest = verify_files(directory)  # every method's folder has a manifest: size and SHA-256 of its files
         try:
             tensors = load_file(str(path))
             with safe_open(str(path), "pt") as handle:
@@ -279,7 +282,8 @@ class PeftLora:
             raise RunFolderError(f"{path} has format {fmt!r}; this version of pyrolora reads {PEFT_LORA_FORMAT!r}.")
         run, lora, head = peft_lora_run(config, load_task(config.task))
         backbone = run.model.backbone
-        check_frozen_backbone(manifest, backbone, directory)
+        if manifest is not None:
+            check_frozen_backbone(manifest, backbone, directory)
         params = {n: p for n, p in backbone.named_parameters() if p.requires_grad}
         if set(tensors) != set(params):
             missing, extra = sorted(set(params) - set(tensors))[:3], sorted(set(tensors) - set(params))[:3]
