@@ -25,7 +25,7 @@ def test_mc_dropout_samples_masks_in_eval_mode_and_restores_them():
     backbone = dropout_bert()
     adapters = inject_adapters(backbone, LoraXSConfig(rank=2, target_modules=("query", "value")))
     model = BayesianLoraModel(backbone, adapters, dataset_size=10)
-    guide = guides.make("delta", model)
+    guide = guides.setup(guides.make("delta", model), model)  # deliberately unfitted: the initial point, R = 0
     data = [(token_batch(4), torch.zeros(4, dtype=torch.long))]
     plain = predict(model, guide, data, num_samples=4).probs  # (4, 4, 3): a point mass, so 4 equal samples
     torch.testing.assert_close(plain[0], plain[3])

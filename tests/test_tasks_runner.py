@@ -92,6 +92,7 @@ def test_confidence_intervals_match_their_textbook_values():
     labels = rng.integers(0, 2, 400)
     probs = np.full((400, 2), 0.5)
     probs[np.arange(400), labels] = np.where(rng.random(400) < 0.5, 0.6, 0.4)  # 50% accurate
+    probs[np.arange(400), 1 - labels] = 1 - probs[np.arange(400), labels]  # rows of probabilities sum to 1
     half = bench.bootstrap(probs, labels, "accuracy", 15, reps=400)
     # normal approximation 1.96·sqrt(0.25/400) = 0.049; bootstrap noise with 400 resamples is about ±0.005
     assert half == pytest.approx(0.049, abs=0.008)

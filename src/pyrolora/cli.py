@@ -13,6 +13,13 @@ from pyrolora.errors import PyroloraError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Bayesian LoRA-XS with Pyro.")
 
 
+def _dumps(data, **options) -> str:
+    """Valid JSON for the terminal: NaN or infinite numbers print as null."""
+    from pyrolora._atomic import json_safe
+
+    return json.dumps(json_safe(data), allow_nan=False, **options)
+
+
 def _fail(err: Exception) -> None:
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -64,13 +71,25 @@ def train_cmd(
         int, typer.Option("--checkpoint-every", min=1, help="Optimizer steps between checkpoints in --out.")
     ] = 100,
     device: Annotated[str | None, typer.Option(help=_DEVICE_HELP + " Default: [train] device.")] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace what --out holds (a run or other files); the old contents stay until the new run is "
+            "complete.",
+        ),
+    ] = False,
 ) -> None:
     """Train a run of any method from a configuration, evaluate it on its evaluation splits and save it.
 
     Training writes a checkpoint into --out every --checkpoint-every steps; after a crash or kill, the same
     command with --resume continues from it to the result an uninterrupted run gives. The checkpoint is removed
     once the run folder is completely saved.
+
+    --out must be new or empty, or hold the unfinished run that --resume continues; anything else is refused
+    unless --overwrite is given. The folder is locked while training: a second training into it is refused.
     """
+    from pyrolora._outfolder import training_folder
     from pyrolora.inference.distributed import is_main_process
     from pyrolora.runs.config import load_config
     from pyrolora.runs.runner import run_method
@@ -78,11 +97,13 @@ def train_cmd(
     try:
         parsed = load_config(*config)
         where = _echo_device(device, parsed.train.device)
-        result = run_method(parsed, out=out, device=where, checkpoint_every=checkpoint_every, resume=resume)
+        # --out is checked and locked before anything is written; an overwrite trains beside it and swaps it in
+        with training_folder(out, overwrite=overwrite, resume=resume) as target:
+            result = run_method(parsed, out=target, device=where, checkpoint_every=checkpoint_every, resume=resume)
     except PyroloraError as err:
         _fail(err)
     if is_main_process():  # under torchrun every process holds the same metrics; one prints them
-        typer.echo(json.dumps(result["metrics"].get("test", result["metrics"]), indent=2))
+        typer.echo(_dumps(result["metrics"].get("test", result["metrics"]), indent=2))
         typer.echo(
             f"{result['method']} on {result['device']}: trained in {result['train_seconds']:.1f} s, predicted in "
             f"{result['predict_seconds']:.1f} s; {result['trainable_params']} trainable, {result['stored_params']} "
@@ -160,7 +181,7 @@ def evaluate_cmd(
         result = split_metrics(probs.mean(0), data, trained.config.predict.n_bins)
     except PyroloraError as err:
         _fail(err)
-    typer.echo(json.dumps(result, indent=2))
+    typer.echo(_dumps(result, indent=2))
     if uncertainty or ood_texts is not None or ood_split is not None or ood_task is not None:
         _report_uncertainty(
             trained,
@@ -202,7 +223,7 @@ def _report_uncertainty(trained, run_dir, split, probs, ood, ood_texts, ood_spli
     except PyroloraError as err:
         _fail(err)
     parts = report["decomposition"]
-    typer.echo("\nmean uncertainty (nats): " + json.dumps(parts))
+    typer.echo("\nmean uncertainty (nats): " + _dumps(parts))
     typer.echo(format_uncertainty_table({method: report}))
     typer.echo(f"saved {json_path} and {plot_path}")
 

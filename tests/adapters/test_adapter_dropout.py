@@ -58,7 +58,7 @@ def test_zero_dropout_adds_no_module_and_leaves_every_output_as_before():
 
 def test_mc_dropout_counts_adapter_dropout_and_samples_one_mask_per_sample_row():
     model, backbone = _llama_model(0.3)
-    guide = guides.make("delta", model)
+    guide = guides.setup(guides.make("delta", model), model)  # deliberately unfitted: the initial point
     data = [(token_batch(4), torch.zeros(4, dtype=torch.long))]
     plain = predict(model, guide, data, num_samples=4).probs
     torch.testing.assert_close(plain[0], plain[3])  # eval mode: dropout off, 4 copies of the MAP

@@ -33,6 +33,7 @@ def test_labels_a_to_e_and_1_to_5_map_to_option_positions(tmp_path):
         (json.dumps({"question": {"choices": []}, "answerKey": "A"}), r"d\.jsonl:2: no question text"),
         (json.dumps({**question(1), "answerKey": "F"}), r"d\.jsonl:2: answerKey 'F' is not among the choice labels"),
         (json.dumps({k: v for k, v in question(1).items() if k != "answerKey"}), r"d\.jsonl:2: no answerKey"),
+        (json.dumps(question(1, ("A", "B", "B", "C"), "B")), r"d\.jsonl:2: choice labels \['B'\] occur more than once"),
         (json.dumps({"question": {"stem": "s", "choices": [{"text": "a", "label": "A"}]}}), "at least two options"),
         (json.dumps({"question": {"stem": "s", "choices": [{"label": "A"}, {}]}}), r"choice 0 must be an object"),
     ],

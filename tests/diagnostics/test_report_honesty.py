@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pyrolora.cli import app
-from pyrolora.diagnostics.report import guide_label, report_columns
 from pyrolora.diagnostics.summaries import pareto_k_threshold
+from pyrolora.runs.diagnose import guide_label, report_columns
 
 
 def arviz_threshold(num_draws: int) -> float:

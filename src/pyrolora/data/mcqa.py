@@ -131,6 +131,12 @@ def _question(record: Any, where: str) -> tuple[str, tuple[str, ...], int, str]:
             raise DataError(f"{where}: choice {k} must be an object with 'text' and 'label', got {choice!r:.100}.")
         option_texts.append(choice["text"])
         option_labels.append(str(choice["label"]).strip())
+    repeated = sorted({lab for lab in option_labels if option_labels.count(lab) > 1})
+    if repeated:  # the answer would silently map to the first of them
+        raise DataError(
+            f"{where}: choice labels {repeated} occur more than once in {option_labels}, so the answerKey cannot "
+            "tell which option is correct; give every choice of a question its own label."
+        )
     answer = record.get("answerKey")
     if answer is None:
         raise DataError(f"{where}: no answerKey; every question needs the label of its correct choice.")
@@ -159,7 +165,8 @@ def load_mcqa_jsonl(path: str | Path, num_options: int | None = None) -> Multipl
 
     Raises:
         DataError: when the file is missing or empty, a line is not JSON, a record lacks its stem, choices or
-            answerKey, or the answerKey is not one of its choice labels; the message names file and line.
+            answerKey, the answerKey is not one of its choice labels, or two choices share a label; the message
+            names file and line.
     """
     path = Path(path)
     lines = read_text(path).splitlines()

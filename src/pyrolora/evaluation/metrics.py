@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pyrolora.errors import DataError
+
 __all__ = ["accuracy", "brier", "ece", "entropy", "mcc", "nll", "rank_correlation", "reliability", "summary"]
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence
@@ -30,7 +32,32 @@ def _probs_labels(probs: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor, to
         raise ValueError("metrics need at least one example")
     if (y < 0).any() or (y >= p.shape[1]).any():
         raise ValueError(f"labels must lie in [0, {p.shape[1]}), got values in [{y.min()}, {y.max()}]")
+    _check_probabilities(p)
     return p, y
+
+
+#: How far a row of probabilities may sum from 1: float32 averages of softmax rows are off by about 1e-6, float16
+#: ones by about 1e-3; logits (what this check is for) almost never sum to 1 within it.
+SUM_TOLERANCE = 2e-3
+
+
+def _check_probabilities(p: torch.Tensor) -> None:
+    """Refuse what is not a matrix of probabilities (e.g. logits): every entry in [0, 1], rows summing to 1."""
+    if not torch.isfinite(p).all():
+        rows = (~torch.isfinite(p)).any(-1).nonzero().flatten()[:5].tolist()
+        raise DataError(
+            f"probabilities are not finite in rows {rows}: the model's outputs diverged (NaN or inf); check the "
+            "run's head and posterior."
+        )
+    sums = p.sum(-1)
+    bad = ((p < -1e-6) | (p > 1 + 1e-6)).any(-1) | ((sums - 1).abs() > SUM_TOLERANCE)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise DataError(
+            f"metrics need probabilities (rows of numbers in [0, 1] summing to 1), but row {row} is "
+            f"{[round(v, 4) for v in p[row, :6].tolist()]} (sum {sums[row].item():.4g}); if these are logits, pass "
+            "torch.softmax(logits, -1)."
+        )
 
 
 def accuracy(probs: ArrayLike, labels: ArrayLike) -> float:

@@ -45,7 +45,8 @@ __all__ = [
 ]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-_FORMAT = "pyrolora-checkpoint-1"
+_FORMAT = "pyrolora-checkpoint-2"  # 2: the checksum covers the JSON header (the tree) as well as the tensors
+_FORMAT_1 = "pyrolora-checkpoint-1"  # the checksum covered the tensors only; still read
 
 
 # ---------------------------------------------------------------------------------------------- data position
@@ -219,12 +220,18 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _checked_digest(tensors: dict[str, torch.Tensor], header: str) -> str:
+    """SHA-256 over the tensors' digest and the JSON header: one flipped bit anywhere changes it."""
+    return hashlib.sha256(f"{_tensor_digest(tensors)}:{header}".encode()).hexdigest()
+
+
 def write_checkpoint(path: str | Path, tree: dict[str, Any]) -> Path:
     """Write a nested structure of tensors, arrays, dicts, lists, tuples and JSON scalars atomically."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode(tree, tensors, "t")
-    metadata = {"format": _FORMAT, "tree": json.dumps(encoded), "sha256": _tensor_digest(tensors)}
+    header = json.dumps(encoded)
+    metadata = {"format": _FORMAT, "tree": header, "sha256": _checked_digest(tensors, header)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
@@ -246,14 +253,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"cannot read the checkpoint {path}: {err}. It is missing, truncated or corrupt; resume from an intact "
             "copy or start the run afresh."
         ) from err
-    if metadata.get("format") != _FORMAT:
-        raise RunFolderError(f"{path} is not a pyrolora training checkpoint (format {metadata.get('format')!r}).")
-    if metadata.get("sha256") != _tensor_digest(tensors):
+    fmt = metadata.get("format")
+    if fmt not in (_FORMAT, _FORMAT_1):
+        raise RunFolderError(f"{path} is not a pyrolora training checkpoint (format {fmt!r}).")
+    header = metadata.get("tree", "")
+    want = _checked_digest(tensors, header) if fmt == _FORMAT else _tensor_digest(tensors)
+    if metadata.get("sha256") != want:
         raise RunFolderError(
-            f"the checkpoint {path} is corrupt: its tensors do not match their recorded checksum; resume from an "
-            "intact copy or start the run afresh."
+            f"the checkpoint {path} is corrupt: its tensors do not match their recorded checksum, or its JSON header "
+            "(step, settings, learning rates) was altered; resume from an intact copy or start the run afresh."
         )
-    return _decode(json.loads(metadata["tree"]), tensors)
+    try:
+        return _decode(json.loads(header), tensors)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as err:  # a v1 file's header
+        raise RunFolderError(
+            f"the checkpoint {path} has a damaged JSON header ({err!r}); start the run afresh."
+        ) from err
 
 
 def find_checkpoint(location: str | Path) -> Path:
@@ -278,7 +293,8 @@ class Checkpointer:
         every: write a checkpoint after every ``every`` optimizer steps and after the last step.
     """
 
-    def __init__(self, directory: str | Path | None, every: int | None) -> None:
+    def __init__(self, directory: str | Path | None, every: int | None, tag: str | None = None) -> None:
+        self.tag = tag  # e.g. the digest of the run's configuration: resuming under another one is refused
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ConfigError(f"checkpoint_every must be a positive number of steps, got {every!r}.")
         self.path = None if directory is None else Path(directory) / CHECKPOINT_FILE
@@ -304,6 +320,7 @@ class Checkpointer:
             "num_steps": num_steps,
             "sites": _sites(model),
             "guide_class": type(guide).__name__,
+            "tag": self.tag,
             "guide": guide.state_dict(),
             "head": model.head_state(),
             "prior": model.prior_state(),
@@ -334,6 +351,12 @@ class Checkpointer:
             raise RunFolderError(
                 f"the checkpoint {path} was written for adapter sites {json.dumps(tree['sites'])[:200]}, but this "
                 f"model has {json.dumps(_sites(model))[:200]}; resume with the run's model and adapter config."
+            )
+        if self.tag is not None and tree.get("tag") != self.tag:
+            raise RunFolderError(
+                f"the checkpoint {path} was written by a run with another configuration (its tag "
+                f"{str(tree.get('tag'))[:12]}..., this run's {self.tag[:12]}...): resuming would mix two runs. "
+                "Resume with the configuration the checkpoint was started with, or start afresh in another folder."
             )
         if tree["guide_class"] != type(guide).__name__:
             raise RunFolderError(

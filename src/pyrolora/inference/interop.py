@@ -31,6 +31,7 @@ from torch import nn
 from torch.distributions import biject_to, constraints
 
 from pyrolora._atomic import umask_mode, umask_tree
+from pyrolora._outfolder import clear_previous_export
 from pyrolora._version import __version__
 from pyrolora.adapters.peft_format import adapter_deltas, merged_copy, project_update, save_peft_adapter
 from pyrolora.errors import ConfigError
@@ -171,6 +172,7 @@ def export_peft(
         The adapter folders written, one for a point, S for draws.
     """
     out = Path(out)
+    clear_previous_export(out, MANIFEST_NAME)  # no stale draw_* folders of an earlier export into the same folder
     head = model.head_state()
     common = {
         "head_state": head,

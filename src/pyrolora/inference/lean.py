@@ -31,6 +31,7 @@ from torch.distributions import biject_to
 from pyrolora.errors import ConfigError
 from pyrolora.inference.families import PointMass
 from pyrolora.models import BayesianLoraModel
+from pyrolora.models.likelihoods import check_targets
 from pyrolora.models.priors import IsotropicNormal
 
 __all__ = ["LeanELBO", "supports"]
@@ -170,6 +171,7 @@ class LeanELBO:
             raise ValueError(f"{targets.shape[0]} targets for a batch of {batch} inputs")
         # Check the targets against the likelihood's support whatever the global validation flags say (Pyro's
         # path does it through its validation): a label outside the classes must fail, not index garbage.
+        check_targets(model.likelihood.distribution(out), targets)  # shape, e.g. (B, 1) labels where (B,) is due
         model.likelihood.distribution(out)._validate_sample(targets)
         log_lik = (model.likelihood.log_prob(out, targets) * (model.dataset_size / batch)).sum()  # as the plate
         # β: -E[log p(y|θ)] + β (log q(θ) - log p(θ)), as fit's scaled Pyro sites

@@ -36,5 +36,6 @@ def fit_posterior(model: BayesianLoraModel, guide: nn.Module, data: Iterable[Any
         fit_kwargs.pop("temperatures", None)
         fit_kwargs.pop("checkpoint_dir", None)
         fit_kwargs.pop("checkpoint_every", None)
+        fit_kwargs.pop("checkpoint_tag", None)
         return procedure(model, data, **fit_kwargs)
     return fit(model, guide, data, **fit_kwargs)

@@ -19,6 +19,7 @@ from pyrolora.errors import ConfigError
 from pyrolora.inference import distributed
 from pyrolora.inference.batches import check_batches, split_batch, to_device
 from pyrolora.inference.families import setup
+from pyrolora.inference.fitted import require_fitted
 from pyrolora.inference.precision import Precision, autocast, compiled_outputs
 from pyrolora.models import BayesianLoraModel
 
@@ -169,6 +170,7 @@ def predict(
     if isinstance(max_tokens_per_pass, bool) or not isinstance(max_tokens_per_pass, int) or max_tokens_per_pass < 1:
         raise ConfigError(f"max_tokens_per_pass must be a positive integer, got {max_tokens_per_pass!r}.")
     check_batches(data)
+    require_fitted(guide, "predict")
     context = autocast(precision, model.device)
     outputs_fn = compiled_outputs(model, compile)
     device = model.device

@@ -21,6 +21,7 @@ from pyrolora.errors import ConfigError, DataError, DivergenceError
 from pyrolora.inference import distributed
 from pyrolora.inference.batches import check_batches, require_targets, split_batch, to_device
 from pyrolora.inference.checkpoint import BatchStream, Checkpointer
+from pyrolora.inference.divergence import RunawayLoss, factorisation_failed
 from pyrolora.inference.families import check_local
 from pyrolora.inference.lean import LeanELBO, supports
 from pyrolora.inference.precision import Precision, autocast, compiled_outputs
@@ -252,6 +253,8 @@ class LossStep:
             else:  # β scales log p(θ) in the model and log q(θ) in the guide
                 with _ScaleLatents(beta):
                     value = self.elbo.differentiable_loss(self._model, self.guide, inputs, targets)
+        except torch.linalg.LinAlgError as err:  # the guide's covariance could not be factorised
+            raise factorisation_failed(err, step, num_steps, lr) from err
         except ValueError as err:
             if "found invalid values" not in str(err):
                 raise
@@ -376,6 +379,7 @@ def fit(
     scale_lr: float | None = None,
     validation: Iterable[Any] | None = None,
     temperatures: Iterable[float] = DEFAULT_TEMPERATURES,
+    checkpoint_tag: str | None = None,
 ) -> FitResult:
     """Fit ``guide`` (and the model's head) by maximising the β-weighted ELBO with a torch optimizer.
 
@@ -448,13 +452,17 @@ def fit(
             which :func:`~pyrolora.inference.predict.predict` then uses: draws ``m + τ (θ - m)`` around the
             posterior median m. A point-mass guide has nothing to temper. ``None``: τ = 1.
         temperatures: the candidate τ values (the default grid holds 0, the median alone).
+        checkpoint_tag: a string stored in every checkpoint (e.g. a digest of the run's configuration);
+            ``resume_from`` then refuses a checkpoint whose tag differs.
 
     Returns:
         A :class:`FitResult` with the loss history.
 
     Raises:
-        DivergenceError: when the loss or a gradient is not finite; the message names the step (and the
-            last good checkpoint, which is left intact).
+        DivergenceError: when the loss or a gradient is not finite, the loss runs away (grows more than
+            :data:`~pyrolora.inference.divergence.RUNAWAY_FACTOR` times over its first value's scale), or the
+            guide's covariance cannot be factorised; the message names the step (and the last good checkpoint,
+            which is left intact).
     """
     check_batches(data)
     num_steps = resolve_steps(data, num_epochs, num_steps)
@@ -477,7 +485,9 @@ def fit(
     device = model.device
     result = FitResult(dataset_size=model.dataset_size)
     # In a distributed job every process holds the same state: only the main process writes checkpoints.
-    checkpoints = Checkpointer(checkpoint_dir if distributed.is_main_process() else None, checkpoint_every)
+    checkpoints = Checkpointer(
+        checkpoint_dir if distributed.is_main_process() else None, checkpoint_every, tag=checkpoint_tag
+    )
     with contextlib.ExitStack() as scope:
         scope.push(checkpoints.on_exit)
         scope.enter_context(pyro.settings.context(module_local_params=True))
@@ -515,8 +525,10 @@ def fit(
         start = time.perf_counter()
         parts = dict(model=model, guide=guide, optimizer=optimizer, scheduler=scheduler, stream=stream, result=result)
         first_step = 0
+        runaway = RunawayLoss(model.dataset_size)
         if resume_from is not None:
             first_step, seconds = checkpoints.resume(resume_from, num_steps, **parts)
+            runaway.resume(result.losses)
             start -= seconds
             bar.update(first_step)
         for step in range(first_step, num_steps):
@@ -528,6 +540,7 @@ def fit(
             where, rate = f"step {step + 1} of {num_steps}", scheduler.get_last_lr()[0]
             optimizer.zero_grad(set_to_none=True)
             value = step_loss(inputs, targets, beta(step, num_steps), step=step, num_steps=num_steps, lr=rate)
+            runaway(step, value.item(), num_steps, rate)
             frozen = mean if freeze_mean and step >= warm_steps else None
             _apply_gradients(value, params, optimizer, clip_norm, where, frozen)
             scheduler.step()

@@ -72,7 +72,13 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     with _quiet_transformers():
-        return AutoTokenizer.from_pretrained(resolve_model(name))
+        try:
+            return AutoTokenizer.from_pretrained(resolve_model(name))
+        except (OSError, ValueError) as err:  # ValueError: a folder without a model's config.json
+            raise ConfigError(
+                f"cannot load the tokenizer of {name!r}: {str(err).splitlines()[0][:300]} Give a model folder "
+                "(config.json, weights and tokenizer files) or a hub id."
+            ) from err
 
 
 def load_sequence_classifier(name: str, num_labels: int, seed: int = 0) -> nn.Module:
@@ -93,7 +99,7 @@ def load_sequence_classifier(name: str, num_labels: int, seed: int = 0) -> nn.Mo
             model = AutoModelForSequenceClassification.from_pretrained(
                 resolve_model(name), num_labels=num_labels, dtype=torch.float32
             )
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: e.g. a folder that holds no model's config.json
             raise ConfigError(
                 f"cannot load model {name!r}: {err}. Give a local folder, or a hub id on a machine with hub access."
             ) from err

@@ -13,6 +13,7 @@ from pyrolora.adapters import HEAD_MODULE_NAMES, AdapterSet
 from pyrolora.errors import ConfigError
 from pyrolora.models import likelihoods as lik
 from pyrolora.models import priors as pri
+from pyrolora.models.likelihoods import check_targets
 
 __all__ = ["BayesianLoraModel", "Inputs", "default_output_fn"]
 
@@ -96,6 +97,8 @@ class BayesianLoraModel(nn.Module):
         self.backbone = backbone
         self.adapters = adapters
         self.prior = pri.resolve(prior)
+        if callable(getattr(self.prior, "check_sites", None)):  # a per-site mapping: every key must name a site
+            self.prior.check_sites(tuple(adapters.shapes))
         self.likelihood = likelihood if likelihood is not None else lik.Categorical()
         if not isinstance(self.likelihood, lik.Likelihood):
             raise ConfigError(f"likelihood must be a pyrolora Likelihood, got {type(self.likelihood).__name__}.")
@@ -232,5 +235,8 @@ class BayesianLoraModel(nn.Module):
             raise ValueError(f"{targets.shape[0]} targets for a batch of {batch} inputs")
         subsample = torch.arange(batch, device=out.device)
         with pyro.plate("data", self.dataset_size, subsample=subsample):
-            pyro.sample("obs", self.likelihood.distribution(out), obs=targets)
+            likelihood = self.likelihood.distribution(out)
+            if targets is not None:
+                check_targets(likelihood, targets)
+            pyro.sample("obs", likelihood, obs=targets)
         return out

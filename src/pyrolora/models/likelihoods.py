@@ -13,9 +13,24 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrolora.errors import ConfigError
+from pyrolora.errors import ConfigError, DataError
 
 __all__ = ["Categorical", "Gaussian", "Likelihood"]
+
+
+def check_targets(distribution: dist.Distribution, targets: torch.Tensor) -> None:
+    """Refuse targets whose shape is not the distribution's (Pyro would broadcast them: (B, 1) labels against
+    (B,) logits rows give a (B, B) log-likelihood and a loss many times too large).
+
+    Raises:
+        DataError: naming both shapes and the fix.
+    """
+    want = tuple(distribution.batch_shape + distribution.event_shape)
+    if tuple(targets.shape) != want:
+        raise DataError(
+            f"targets have shape {tuple(targets.shape)}, but the likelihood expects {want} for this batch; pass "
+            f"one target per example, e.g. targets.reshape({', '.join(map(str, want))})."
+        )
 
 
 class Likelihood(nn.Module):

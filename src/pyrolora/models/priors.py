@@ -157,6 +157,20 @@ class PerSite(nn.Module):
     def forward(self, site_name: str, shape: tuple[int, ...]) -> dist.Distribution:
         return self.prior_for(site_name)(site_name, shape)
 
+    def check_sites(self, site_names: tuple[str, ...]) -> None:
+        """Refuse a key that matches no site (a misspelt name would silently leave its sites on the default).
+
+        Raises:
+            ConfigError: naming the key and some of the site names.
+        """
+        for key in self.keys:
+            if not any(name == key or name.endswith("." + key) for name in site_names):
+                suffixes = sorted({name.rsplit(".", 1)[-1] for name in site_names})
+                raise ConfigError(
+                    f"the prior key {key!r} matches no adapter site; give a site name (e.g. {site_names[0]!r}) or "
+                    f"a suffix of one ({suffixes})."
+                )
+
     def sample_hyperparameters(self, site_names: tuple[str, ...]) -> None:
         """Let every hierarchical entry sample its hyperparameters for the sites it covers."""
         groups: dict[int, list[str]] = {}
@@ -293,7 +307,16 @@ class _Callable(nn.Module):
         self.fn = fn
 
     def forward(self, site_name: str, shape: tuple[int, ...]) -> dist.Distribution:
-        return self.fn(site_name, shape)
+        d = self.fn(site_name, shape)
+        if not isinstance(d, torch.distributions.Distribution):
+            raise ConfigError(f"the prior for site {site_name!r} returned {type(d).__name__}, not a distribution.")
+        if tuple(d.batch_shape) != () or tuple(d.event_shape) != tuple(shape):
+            raise ConfigError(
+                f"the prior for site {site_name!r} returned batch shape {tuple(d.batch_shape)} and event shape "
+                f"{tuple(d.event_shape)}; a site needs batch shape () and event shape {tuple(shape)}: call "
+                f".to_event({len(d.batch_shape)}) on it (e.g. dist.Normal(torch.zeros(shape), 1.0).to_event(2))."
+            )
+        return d
 
 
 def resolve(prior: Prior | Mapping | dist.Distribution | None) -> nn.Module:

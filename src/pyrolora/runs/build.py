@@ -23,6 +23,7 @@ import numpy as np
 from torch import nn
 
 from pyrolora._atomic import atomic_path, write_json
+from pyrolora._integrity import config_digest
 from pyrolora._version import __version__
 from pyrolora.adapters import inject_adapters
 from pyrolora.data import ClassificationSplit, TokenizedLoader, vader_splits
@@ -30,6 +31,7 @@ from pyrolora.data.mcqa import MultipleChoiceLoader, MultipleChoiceSplit
 from pyrolora.errors import ConfigError, RunFolderError
 from pyrolora.evaluation import metrics
 from pyrolora.inference import FitResult, Prediction, distributed, guides, predict
+from pyrolora.inference.fitted import require_fitted
 from pyrolora.inference.posterior import fit_posterior
 from pyrolora.inference.state import load_state, save_state
 from pyrolora.models import BayesianLoraModel
@@ -263,12 +265,12 @@ def train(
     (see :mod:`pyrolora.inference.checkpoint`); ``resume=True`` continues from the checkpoint in that folder,
     after checking that ``config`` is the configuration it was started with.
     """
-    resume_from = _prepare_checkpoints(config, checkpoint_dir, resume) if checkpoint_dir is not None else None
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs the checkpoint_dir of the interrupted run.")
-    run = build(config, splits)
+    run = build(config, splits)  # every check of the config against model and data, before anything is written
     if check is not None:  # the method's own refusal (e.g. MC dropout without dropout layers), before training
         check(run)
+    resume_from = _prepare_checkpoints(config, checkpoint_dir, resume) if checkpoint_dir is not None else None
     if distributed.is_distributed():  # under torchrun: one device per process (cuda:LOCAL_RANK on a GPU machine)
         run.model.to(distributed.device())
     else:
@@ -281,6 +283,7 @@ def train(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         resume_from=resume_from,
+        checkpoint_tag=config_digest(config.to_dict()),
     )
     if logger is not None:
         logger.close()
@@ -368,8 +371,11 @@ def save_run(run: Run, directory: str | Path) -> Path:
     directory = Path(directory)
     if not distributed.is_main_process():
         return directory
+    require_fitted(run.guide, "save the run")  # a folder that looks complete but cannot be loaded is worse than none
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_FILE).unlink(missing_ok=True)  # until the new one is written, the folder reads as unsaved
+    for stale in (FIT_FILE, METRICS_FILE):  # an earlier run's, which this one may not replace
+        (directory / stale).unlink(missing_ok=True)
     write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **run.config.to_dict()})
     with atomic_path(directory / STATE_FILE) as tmp:
         save_state(tmp, run.model, run.guide)
@@ -426,7 +432,7 @@ def load_run(directory: str | Path, *, model_name: str | None = None, device: st
         run.model.to(resolve_device(device))
     load_state(directory / STATE_FILE, run.model, run.guide)
     fit_path = directory / FIT_FILE
-    if fit_path.is_file():
+    if FIT_FILE in manifest["files"]:  # only the run's own files: never a stray one the manifest does not list
         fit_data = json.loads(fit_path.read_text(encoding="utf-8"))
         run.fit_result = FitResult(
             losses=fit_data["losses"],
@@ -435,6 +441,6 @@ def load_run(directory: str | Path, *, model_name: str | None = None, device: st
             dataset_size=fit_data["dataset_size"],
         )
     metrics_path = directory / METRICS_FILE
-    if metrics_path.is_file():
+    if METRICS_FILE in manifest["files"]:
         run.metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
     return run

@@ -32,6 +32,7 @@ import json
 import tomllib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -455,6 +456,16 @@ def _read(path: Path) -> dict[str, Any]:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from err
+    except RecursionError:
+        raise ConfigError(
+            f"{path} is nested too deeply to be a run configuration; give sections of settings."
+        ) from None
+    if data == {}:  # an empty file is more likely a mistake than a wish for every default
+        warnings.warn(
+            f"{path} sets nothing: every setting takes its default (see the sections in pyrolora/runs/config.py).",
+            UserWarning,
+            stacklevel=2,
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run configuration must be a table of sections, got {type(data).__name__}.")
     return data

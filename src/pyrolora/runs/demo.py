@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pyrolora._atomic import json_safe
 from pyrolora.evaluation.plots import reliability_diagram
 from pyrolora.runs.build import evaluate, load_task, save_run, train
 from pyrolora.runs.config import RunConfig
@@ -93,7 +94,9 @@ def run_demo(
         "methods": rows,
         "total_seconds": time.perf_counter() - started,
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "metrics.json").write_text(
+        json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
     print()
     print(table)
     folders = ", ".join(str(out / r["run"]) for r in rows.values())

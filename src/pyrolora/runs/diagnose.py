@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pyrolora._atomic import json_safe
 from pyrolora.errors import ConfigError, RunFolderError
 from pyrolora.runs.folder import CONFIG_FILE
 
@@ -249,7 +250,7 @@ def diagnose(
     table = format_site_table(sites)
     report = out / "report.md"
     _write_text(report, _markdown(numbers, table, site_note, images, notes, len(sites)))
-    _write_text(out / "diagnostics.json", json.dumps(numbers, indent=2, default=str) + "\n")
+    _write_text(out / "diagnostics.json", json.dumps(json_safe(numbers), indent=2, default=str, allow_nan=False) + "\n")
     return DiagnoseResult(out=out, report=report, netcdf=netcdf, numbers=numbers, table=table, images=images)
 
 

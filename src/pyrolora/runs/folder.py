@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from pyrolora._atomic import file_sha256, write_json
+from pyrolora._integrity import check_manifest_shape, model_fingerprint
 from pyrolora._version import __version__
 from pyrolora.errors import ConfigError, RunFolderError
 from pyrolora.inference.checkpoint import CHECKPOINT_FILE
@@ -101,6 +102,7 @@ def write_manifest(
         "base_model": {
             "name": base_model,
             "fingerprint": weights_fingerprint(model.backbone, adapted_weight_names(model)),
+            "backbone_fingerprint": model_fingerprint(model),  # every frozen tensor (pyrolora._integrity)
         },
         "adapters": _adapters(model),
         "guide_class": type(guide).__name__,
@@ -124,15 +126,23 @@ def verify_files(directory: str | Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise RunFolderError(f"{directory} is not a folder; give the run folder written by `pyrolora train`.")
     if not path.is_file():
+        resumable = (directory / "checkpoint.safetensors").is_file()
         raise RunFolderError(
             f"{directory} has no {MANIFEST_FILE}: it is not a pyrolora run folder, or saving it was interrupted "
-            "(the manifest is written last). Save the run again."
+            "(the manifest is written last). "
+            + (
+                f"Its training checkpoint is there: continue it with pyrolora train --config "
+                f"{directory / 'config.json'} --out {directory} --resume."
+                if resumable
+                else "Save the run again."
+            )
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         files = manifest["files"]
         fmt = manifest["format"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        check_manifest_shape(manifest)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as err:
         raise RunFolderError(f"cannot read {path}: {err!r}; the manifest is damaged. Save the run again.") from err
     if fmt != FORMAT:
         raise RunFolderError(f"{path} has format {fmt!r}; this version of pyrolora reads {FORMAT!r}.")
@@ -160,6 +170,8 @@ def check_model(manifest: dict[str, Any], model: BayesianLoraModel, where: str |
     Raises:
         RunFolderError: naming the first mismatch (rank, target modules, sites, base weights) and the fix.
     """
+    if not isinstance(manifest.get("adapters"), dict):
+        raise RunFolderError(f"the manifest of {where} does not describe adapters; it is damaged. Save the run again.")
     saved, have = manifest["adapters"], _adapters(model)
     for key, what in (("rank", "adapter rank"), ("target_modules", "target modules"), ("alpha", "alpha")):
         if saved[key] != have[key]:
@@ -181,6 +193,13 @@ def check_model(manifest: dict[str, Any], model: BayesianLoraModel, where: str |
             f"the base model's adapted weights differ from those the run in {where} was trained on (fingerprint "
             f"{fingerprint[:12]}..., the run's {base['fingerprint'][:12]}..., base model {base['name']!r}); its "
             "posterior is meaningless on other weights. Load it with the base model it was trained on."
+        )
+    whole = base.get("backbone_fingerprint")  # absent in folders of older versions: adapted weights only
+    if whole is not None and model_fingerprint(model) != whole:
+        raise RunFolderError(
+            f"the base model differs from the one the run in {where} was trained on (its frozen weights, e.g. "
+            f"embeddings or unadapted layers, do not match the run's fingerprint; base model {base['name']!r}); its "
+            "posterior and head are meaningless on other weights. Load it with the base model it was trained on."
         )
 
 
@@ -207,8 +226,8 @@ def read_config(directory: str | Path) -> RunConfig:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise RunFolderError(
-            f"{directory} has no {CONFIG_FILE}: it is not a run folder of `pyrolora train`, or training was "
-            "interrupted before it was saved (config.json is written last). Train it again."
+            f"{directory} has no {CONFIG_FILE}: it is not a run folder of `pyrolora train` (which writes it when "
+            "training starts), or its training stopped before it began. Train it again."
         )
     try:
         return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))

@@ -30,7 +30,7 @@ from pyrolora.errors import ConfigError, RunFolderError
 from pyrolora.runs.build import Run, load_task
 from pyrolora.runs.config import RunConfig
 from pyrolora.runs.device import resolve_device
-from pyrolora.runs.folder import read_config
+from pyrolora.runs.folder import MANIFEST_FILE, read_config, verify_files
 from pyrolora.runs.methods import METHODS, Fitted, get
 from pyrolora.runs.runner import split_metrics
 
@@ -212,7 +212,12 @@ def load_trained(
     directory = Path(directory)
     if not directory.is_dir():
         raise RunFolderError(f"{directory} is not a folder; give the run folder written by `pyrolora train`.")
-    config = read_config(directory)
+    try:
+        config = read_config(directory)
+    except RunFolderError:
+        if (directory / MANIFEST_FILE).is_file():
+            verify_files(directory)  # a config.json damaged after saving: name it as corrupt, with the fix
+        raise
     if model_name is not None:
         config = config.replace(model={"name": model_name})
     where = None if device is None else resolve_device(device)

@@ -19,7 +19,7 @@ from pyrolora.errors import RunFolderError
 from pyrolora.inference import draws_needed, predict
 from pyrolora.runs.build import Run, load_run, save_run, train
 from pyrolora.runs.config import RunConfig
-from pyrolora.runs.folder import CHECKPOINT_FILE, MANIFEST_FILE
+from pyrolora.runs.folder import CHECKPOINT_FILE, CONFIG_FILE, MANIFEST_FILE
 from pyrolora.runs.methods.base import count_numel, register
 from pyrolora.runs.methods.dropout import mc_dropout
 
@@ -119,7 +119,12 @@ class Bayesian:
         if not (Path(directory) / MANIFEST_FILE).is_file():
             raise RunFolderError(
                 f"{directory} holds a config.json of method {config.method.name!r} but no {MANIFEST_FILE}: the run "
-                "was not saved completely (the manifest is written last). Train it again."
+                "was not saved completely (the manifest is written last). "
+                + (
+                    f"Continue it: pyrolora train --config {Path(directory) / CONFIG_FILE} --out {directory} --resume."
+                    if (Path(directory) / CHECKPOINT_FILE).is_file()
+                    else "Train it again."
+                )
             )
         run = load_run(directory, model_name=model_name, device=None if device is None else str(device))
         return FittedRun(run.config, run, dropout=self.dropout)

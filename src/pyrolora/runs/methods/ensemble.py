@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pyrolora._atomic import write_json
+from pyrolora._manifest import write_method_manifest
 from pyrolora.errors import ConfigError, RunFolderError
 from pyrolora.inference.state import load_state
 from pyrolora.runs.build import Run, load_run
@@ -53,11 +54,15 @@ class FittedEnsemble:
         return torch.stack(means)
 
     def save(self, directory: Path, metrics: Mapping[str, Any] | None = None) -> None:
-        """The members were saved as they were trained; this writes the ensemble's ``config.json``."""
+        """The members were saved as they were trained; this writes the ensemble's ``config.json``, then its
+        ``manifest.json`` (last), which covers ``config.json`` and every member's own manifest."""
         directory = Path(directory)
         if self._scratch is not None:
             raise ConfigError("this ensemble was trained without an output folder; train it with out=FOLDER to save.")
+        (directory / MANIFEST_FILE).unlink(missing_ok=True)  # until the new one is written, the folder reads as unsaved
         write_json(directory / CONFIG_FILE, self.config.to_dict())
+        members = [f"{member_folder(directory, i).name}/{MANIFEST_FILE}" for i in range(len(self.members))]
+        write_method_manifest(directory, [CONFIG_FILE, *members], method="ensemble", base_model=self.config.model.name)
 
 
 class Ensemble:
@@ -122,6 +127,8 @@ class Ensemble:
                     f"{MANIFEST_FILE}); copy the whole run folder, or train the ensemble again."
                 )
             members.append(member)
+        if (Path(directory) / MANIFEST_FILE).is_file():  # folders of versions before the ensemble's manifest lack it
+            verify_files(directory)  # it covers config.json and every member's manifest
         run = load_run(members[0], model_name=model_name, device=None if device is None else str(device))
         for member in members[1:]:  # every member must fit the shared model before anything is predicted
             check_model(verify_files(member), run.model, member)

@@ -21,6 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pyrolora._atomic import atomic_path, write_json
+from pyrolora._integrity import check_frozen_backbone, trained_fingerprint
+from pyrolora._manifest import MANIFEST_FILE, write_method_manifest
 from pyrolora._version import __version__
 from pyrolora.adapters import HEAD_MODULE_NAMES
 from pyrolora.errors import ConfigError, DivergenceError, RunFolderError
@@ -29,7 +31,7 @@ from pyrolora.inference.precision import Precision, autocast
 from pyrolora.inference.svi import make_schedule
 from pyrolora.runs.build import Run, build, load_task
 from pyrolora.runs.config import RunConfig
-from pyrolora.runs.folder import CONFIG_FILE, PEFT_LORA_FILE, PEFT_LORA_FORMAT
+from pyrolora.runs.folder import CONFIG_FILE, PEFT_LORA_FILE, PEFT_LORA_FORMAT, verify_files
 from pyrolora.runs.methods.base import count_numel, register
 
 __all__ = [
@@ -188,20 +190,29 @@ class FittedPeftLora:
         return predict_point(backbone, loader, progress=progress, precision=self.config.train.precision)[None]
 
     def save(self, directory: Path, metrics: Mapping[str, Any] | None = None) -> None:
-        """Write ``peft_lora.safetensors`` (LoRA matrices and head), then ``config.json``, both atomically.
+        """Write ``peft_lora.safetensors`` (LoRA matrices and head), ``config.json``, then ``manifest.json``.
 
-        The state first: a folder with ``config.json`` holds a complete state. ``metrics`` are not stored here
-        (the runner's ``result.json`` holds them).
+        Each file atomically; the manifest last (sizes and SHA-256 of both files, and the fingerprint of the
+        frozen backbone under the LoRA layers), so a folder with a manifest is complete and loading checks it.
+        ``metrics`` are not stored here (the runner's ``result.json`` holds them).
         """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        (directory / MANIFEST_FILE).unlink(missing_ok=True)  # until the new one is written, the folder reads as unsaved
         backbone = self.run.model.backbone
         state = {n: p.detach().cpu().contiguous() for n, p in backbone.named_parameters() if p.requires_grad}
         with atomic_path(directory / PEFT_LORA_FILE) as tmp:
             save_file(state, str(tmp), metadata={"format": PEFT_LORA_FORMAT})
         write_json(directory / CONFIG_FILE, {"pyrolora_version": __version__, **self.config.to_dict()})
+        write_method_manifest(  # last: a folder with a manifest is complete
+            directory,
+            [PEFT_LORA_FILE, CONFIG_FILE],
+            method="peft_lora",
+            base_model=self.config.model.name,
+            backbone_fingerprint=trained_fingerprint(backbone),
+        )
 
 
 class PeftLora:
@@ -252,6 +263,10 @@ class PeftLora:
         from safetensors.torch import load_file
 
         path = Path(directory) / PEFT_LORA_FILE
+        # The manifest (sizes, SHA-256, frozen-backbone fingerprint) is checked first. Folders written before
+        # peft_lora folders had one hold only the state and config.json (each written atomically, the state
+        # first, so complete): they load as before, without those checks.
+        manifest = verify_files(directory) if (Path(directory) / MANIFEST_FILE).is_file() else None
         if not path.is_file():
             raise RunFolderError(
                 f"{directory} is a peft LoRA run without {PEFT_LORA_FILE}; training was interrupted before it was "
@@ -267,6 +282,8 @@ class PeftLora:
             raise RunFolderError(f"{path} has format {fmt!r}; this version of pyrolora reads {PEFT_LORA_FORMAT!r}.")
         run, lora, head = peft_lora_run(config, load_task(config.task))
         backbone = run.model.backbone
+        if manifest is not None:
+            check_frozen_backbone(manifest, backbone, directory)
         params = {n: p for n, p in backbone.named_parameters() if p.requires_grad}
         if set(tensors) != set(params):
             missing, extra = sorted(set(params) - set(tensors))[:3], sorted(set(tensors) - set(params))[:3]
