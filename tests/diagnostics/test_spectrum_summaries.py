@@ -70,9 +70,12 @@ def test_fitted_spectrum_of_every_guide_agrees_with_its_draws(name):
         draws = draw_latents(guide, model, 20_000)
     empirical = empirical_spectrum(draws)
     # D = 16; eigenvalues of a 20,000-draw covariance are within ~1% (relative sd sqrt(2/20000)) of the true
-    # ones; the total variance within 3% and the top eigenvalue within 5% allow for the spread of the bulk.
+    # ones, and the total variance within 3%. The top sample eigenvalue is biased upwards where the true ones are
+    # nearly equal (after 10 steps from the default init scale every variance is still close to its start): by up
+    # to (1 + sqrt(D/S))² - 1 ≈ 2 sqrt(16/20000) = 5.7%, the edge of the Marchenko-Pastur law (measured 5.8% for
+    # `diagonal`). 8% allows that; a spectrum off by a factor (variance for sd, a missing L Lᵀ) would fail.
     assert empirical.total_variance == pytest.approx(spectrum.total_variance, rel=0.03)
-    assert float(empirical.eigenvalues[0]) == pytest.approx(float(spectrum.eigenvalues[0]), rel=0.05)
+    assert float(empirical.eigenvalues[0]) == pytest.approx(float(spectrum.eigenvalues[0]), rel=0.08)
     if name == "diagonal":
         variances = (guide.get_posterior().base_dist.scale.detach() ** 2).double().sort(descending=True).values
         np.testing.assert_allclose(spectrum.eigenvalues.numpy(), variances.numpy(), rtol=1e-12)
