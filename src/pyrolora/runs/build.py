@@ -389,6 +389,11 @@ def save_run(run: Run, directory: str | Path) -> Path:
                 "seconds": r.seconds,
                 "dataset_size": r.dataset_size,
                 "losses": r.losses,
+                # the ELBO's two terms per step (lean step) and the posterior temperature chosen on validation
+                "log_likelihoods": r.log_likelihoods,
+                "kls": r.kls,
+                "temperature": r.temperature,
+                "validation_nll": {str(k): v for k, v in r.validation_nll.items()},
             },
         )
         files.append(FIT_FILE)
@@ -439,6 +444,10 @@ def load_run(directory: str | Path, *, model_name: str | None = None, device: st
             num_steps=fit_data["num_steps"],
             seconds=fit_data["seconds"],
             dataset_size=fit_data["dataset_size"],
+            log_likelihoods=fit_data.get("log_likelihoods", []),  # absent in folders written before these keys
+            kls=fit_data.get("kls", []),
+            temperature=fit_data.get("temperature"),
+            validation_nll={float(k): v for k, v in fit_data.get("validation_nll", {}).items()},
         )
     metrics_path = directory / METRICS_FILE
     if METRICS_FILE in manifest["files"]:
