@@ -66,4 +66,6 @@ def test_minilm_same_fit_and_predictions(batch):
     # float32: the lean step sums the ELBO's terms in another order than Pyro's (measured differences ~1e-6)
     torch.testing.assert_close(torch.tensor(loss_p), torch.tensor(loss_b), rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(probs_p, probs_b, rtol=1e-4, atol=1e-5)
-    assert probs_p.shape == (4, 6, 2) and (probs_p[0] - probs_p[1]).abs().max() > 1e-4  # draws differ
+    # the draws differ: measured 8e-5 after 3 steps from the default init scale 0.001; equal draws would differ
+    # by float32 rounding only (~1e-7)
+    assert probs_p.shape == (4, 6, 2) and (probs_p[0] - probs_p[1]).abs().max() > 1e-5
