@@ -36,7 +36,7 @@ from pyrolora._version import __version__
 from pyrolora.adapters.peft_format import adapter_deltas, merged_copy, project_update, save_peft_adapter
 from pyrolora.errors import ConfigError
 from pyrolora.inference.families import setup
-from pyrolora.inference.predict import draw_latents
+from pyrolora.inference.predict import draw_latents, temper, temperature_of
 from pyrolora.models import BayesianLoraModel
 
 __all__ = [
@@ -118,7 +118,10 @@ def _draws(model: BayesianLoraModel, guide: nn.Module, num_samples: int, seed: i
     device = model.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
-        return draw_latents(guide, model, num_samples)
+        draws = draw_latents(guide, model, num_samples)
+        # the posterior temperature chosen on validation data, as predict applies it: the exported draws are the
+        # models whose average predict returns
+        return temper(draws, guide, temperature_of(guide))
 
 
 def _write_json(path: Path, data: Any) -> None:
