@@ -57,10 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 METHOD_LABELS = {
     "lora": "LoRA (peft, r=8)",
-    "lora_xs": "LoRA-XS MAP (delta, default β = 0.1)",
+    "lora_xs": "LoRA-XS MAP (delta)",
     "mc_dropout": "MC dropout (on LoRA-XS MAP)",
     "ensemble": "deep ensemble (LoRA-XS MAP)",
-    "blora_xs": "B-LoRA-XS (lowrank K=2, defaults: β = 0.1, τ on validation)",
+    "blora_xs": "B-LoRA-XS (lowrank K=2)",
     "swag": "B-LoRA-XS SWAG (paper's posterior)",
     "blora_xs_init": "B-LoRA-XS (lowrank K=2, init scale 0.005)",
     "blora_xs_anneal": "B-LoRA-XS (lowrank K=2, KL warm-up over half the steps)",
